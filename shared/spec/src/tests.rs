@@ -1,0 +1,89 @@
+use crate::{Layer, Pipeline, TableRef};
+
+const BASE: &str = r#"
+name: shop
+sources:
+  - name: orders
+    format: csv
+    path: data/orders.csv
+    columns: [id, customer, amount, day]
+silver:
+  - name: orders
+    from: bronze.orders
+    columns:
+      - { name: id, type: int64 }
+      - { name: amount, type: "decimal(12,2)" }
+      - { name: day, type: date }
+    expectations:
+      - { name: positive, expr: "amount > 0", action: drop }
+    dedupe: { keys: [id] }
+  - name: big_orders
+    from: silver.orders
+    filter: "amount > 100"
+gold:
+  - name: daily
+    from: silver.orders
+    group_by: [day]
+    aggregations:
+      - { name: total, expr: "sum(amount)" }
+  - name: big
+    sql: SELECT count(*) AS n FROM big_orders
+"#;
+
+fn err(yaml: &str) -> crate::SpecError {
+    match Pipeline::parse(yaml) {
+        Ok(_) => panic!("spec should be rejected"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn dag_is_in_dependency_order() {
+    let p = Pipeline::parse(BASE).expect("valid spec");
+    let names: Vec<String> = p.dag.nodes.iter().map(|n| n.table.to_string()).collect();
+    assert_eq!(names, ["bronze.orders", "silver.orders", "silver.big_orders", "gold.daily", "gold.big"]);
+    let big = p.dag.node(&TableRef::new(Layer::Gold, "big")).expect("node");
+    assert_eq!(big.depends_on, vec![TableRef::new(Layer::Silver, "big_orders")]);
+    let upstream = p.dag.with_upstream(&[TableRef::new(Layer::Gold, "daily")]);
+    assert_eq!(upstream.len(), 3);
+}
+
+#[test]
+fn unknown_column_names_the_field_path() {
+    let e = err(&BASE.replace("expr: \"amount > 0\"", "expr: \"amont > 0\""));
+    assert_eq!(e.path, "silver[0].expectations[0].expr");
+    assert!(e.message.contains("amont"), "{e}");
+}
+
+#[test]
+fn unknown_table_is_rejected() {
+    let e = err(&BASE.replace("FROM big_orders", "FROM nowhere"));
+    assert_eq!(e.path, "gold[1].sql");
+    assert!(e.message.contains("nowhere"), "{e}");
+    let e = err(&BASE.replace("from: silver.orders\n    filter", "from: silver.missing\n    filter"));
+    assert_eq!(e.path, "silver[1].from");
+}
+
+#[test]
+fn cycles_are_rejected() {
+    let yaml = BASE
+        .replace("from: bronze.orders", "from: silver.big_orders")
+        .replace("dedupe: { keys: [id] }", "");
+    let e = err(&yaml);
+    assert!(e.message.contains("cycle"), "{e}");
+}
+
+#[test]
+fn yaml_type_errors_carry_the_path() {
+    let e = err(&BASE.replace("type: \"decimal(12,2)\"", "type: \"decimal(50,2)\""));
+    assert_eq!(e.path, "silver[0].columns[1].type");
+    let e = err(&BASE.replace("action: drop", "action: explode"));
+    assert_eq!(e.path, "silver[0].expectations[0].action");
+}
+
+#[test]
+fn group_by_form_becomes_sql() {
+    let p = Pipeline::parse(BASE).expect("valid spec");
+    let q = p.gold("daily").expect("gold").query();
+    assert_eq!(q, "SELECT \"day\", sum(amount) AS \"total\" FROM \"orders\" GROUP BY \"day\" ORDER BY \"day\"");
+}

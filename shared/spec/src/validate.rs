@@ -1,0 +1,464 @@
+//! Semantic checks of a parsed spec and the DAG they imply.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ops::ControlFlow,
+    str::FromStr,
+};
+
+use sqlparser::{
+    ast::{Expr, ObjectNamePart, visit_expressions, visit_relations},
+    dialect::GenericDialect,
+    parser::Parser,
+};
+
+use crate::{Layer, LINEAGE_COLUMNS, PipelineSpec, SpecError, TableRef};
+
+/// One table of the pipeline and the tables it reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DagNode {
+    pub table: TableRef,
+    pub depends_on: Vec<TableRef>,
+}
+
+/// Every table of a pipeline in dependency order: each node after all the nodes it reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dag {
+    pub nodes: Vec<DagNode>,
+}
+
+impl Dag {
+    pub fn node(&self, table: &TableRef) -> Option<&DagNode> {
+        self.nodes.iter().find(|n| &n.table == table)
+    }
+
+    /// The given tables plus everything upstream of them, in dependency order.
+    pub fn with_upstream(&self, tables: &[TableRef]) -> Vec<TableRef> {
+        let mut wanted: BTreeSet<TableRef> = tables.iter().cloned().collect();
+        for node in self.nodes.iter().rev() {
+            if wanted.contains(&node.table) {
+                wanted.extend(node.depends_on.iter().cloned());
+            }
+        }
+        self.nodes.iter().filter(|n| wanted.contains(&n.table)).map(|n| n.table.clone()).collect()
+    }
+}
+
+/// Columns a table is known to have; `None` when only the data can tell (SQL, undeclared sources).
+type Columns = Option<BTreeSet<String>>;
+
+fn is_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Parses a SQL expression and returns the column names it reads.
+pub fn column_references(expr: &str) -> Result<BTreeSet<String>, String> {
+    let parsed = Parser::new(&GenericDialect {})
+        .try_with_sql(expr)
+        .and_then(|mut p| p.parse_expr())
+        .map_err(|e| format!("not a valid SQL expression: {e}"))?;
+    let mut columns = BTreeSet::new();
+    let _ = visit_expressions(&parsed, |e| {
+        match e {
+            Expr::Identifier(ident) => {
+                columns.insert(ident.value.clone());
+            }
+            Expr::CompoundIdentifier(parts) => {
+                if let Some(last) = parts.last() {
+                    columns.insert(last.value.clone());
+                }
+            }
+            _ => {}
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    Ok(columns)
+}
+
+/// Parses SQL query text and returns the table names it reads (CTE names excluded).
+pub fn sql_table_references(sql: &str) -> Result<BTreeSet<String>, String> {
+    let statements =
+        Parser::parse_sql(&GenericDialect {}, sql).map_err(|e| format!("not valid SQL: {e}"))?;
+    if statements.len() != 1 {
+        return Err(format!("expected exactly one SQL query, found {}", statements.len()));
+    }
+    let mut ctes = BTreeSet::new();
+    if let sqlparser::ast::Statement::Query(q) = &statements[0] {
+        if let Some(with) = &q.with {
+            for cte in &with.cte_tables {
+                ctes.insert(cte.alias.name.value.clone());
+            }
+        }
+    } else {
+        return Err("expected a SELECT query".into());
+    }
+    let mut tables = BTreeSet::new();
+    let _ = visit_relations(&statements[0], |name| {
+        if let Some(ObjectNamePart::Identifier(ident)) = name.0.last() {
+            if !ctes.contains(&ident.value) {
+                tables.insert(ident.value.clone());
+            }
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    Ok(tables)
+}
+
+struct Checker<'a> {
+    spec: &'a PipelineSpec,
+    columns: BTreeMap<TableRef, Columns>,
+}
+
+impl Checker<'_> {
+    fn expect_columns(&self, path: &str, expr: &str, available: &Columns) -> Result<(), SpecError> {
+        let used = column_references(expr).map_err(|m| SpecError::new(path, m))?;
+        if let Some(available) = available {
+            if let Some(missing) = used.iter().find(|c| !available.contains(*c)) {
+                return Err(SpecError::new(
+                    path,
+                    format!("unknown column `{missing}` (available: {})", join(available)),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn expect_column(&self, path: &str, column: &str, available: &Columns) -> Result<(), SpecError> {
+        match available {
+            Some(cols) if !cols.contains(column) => Err(SpecError::new(
+                path,
+                format!("unknown column `{column}` (available: {})", join(cols)),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Resolves a reference to an existing bronze or silver table.
+    fn expect_table(&self, path: &str, table: &TableRef, allowed: &[Layer]) -> Result<(), SpecError> {
+        if !allowed.contains(&table.layer) {
+            let names: Vec<_> = allowed.iter().map(|l| l.as_str()).collect();
+            return Err(SpecError::new(path, format!("`{table}` must be a {} table", names.join(" or "))));
+        }
+        let exists = match table.layer {
+            Layer::Bronze => self.spec.sources.iter().any(|s| s.name == table.name),
+            Layer::Silver => self.spec.silver.iter().any(|s| s.name == table.name),
+            Layer::Gold => self.spec.gold.iter().any(|s| s.name == table.name),
+            Layer::Quarantine => false,
+        };
+        if exists { Ok(()) } else { Err(SpecError::new(path, format!("unknown table `{table}`"))) }
+    }
+}
+
+fn join(cols: &BTreeSet<String>) -> String {
+    cols.iter().map(String::as_str).collect::<Vec<_>>().join(", ")
+}
+
+fn check_names<'a>(
+    section: &str,
+    names: impl Iterator<Item = &'a str>,
+) -> Result<(), SpecError> {
+    let mut seen = BTreeSet::new();
+    for (i, name) in names.enumerate() {
+        let path = format!("{section}[{i}].name");
+        if !is_identifier(name) {
+            return Err(SpecError::new(path, format!("`{name}` is not a valid table name (letters, digits, _)")));
+        }
+        if !seen.insert(name) {
+            return Err(SpecError::new(path, format!("duplicate table name `{name}`")));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn validate(spec: &PipelineSpec) -> Result<Dag, SpecError> {
+    if !is_identifier(&spec.name) {
+        return Err(SpecError::new("name", format!("`{}` is not a valid pipeline name (letters, digits, _)", spec.name)));
+    }
+    if let Some(schedule) = &spec.schedule {
+        cron::Schedule::from_str(schedule.cron())
+            .map_err(|e| SpecError::new("schedule", format!("invalid cron expression `{}`: {e}", schedule.cron())))?;
+    }
+    if spec.sources.is_empty() {
+        return Err(SpecError::new("sources", "a pipeline needs at least one source"));
+    }
+    check_names("sources", spec.sources.iter().map(|s| s.name.as_str()))?;
+    check_names("silver", spec.silver.iter().map(|s| s.name.as_str()))?;
+    check_names("gold", spec.gold.iter().map(|s| s.name.as_str()))?;
+
+    let mut checker = Checker { spec, columns: BTreeMap::new() };
+    let mut nodes = Vec::new();
+
+    for (i, source) in spec.sources.iter().enumerate() {
+        if source.path.trim().is_empty() {
+            return Err(SpecError::new(format!("sources[{i}].path"), "a source needs a path"));
+        }
+        let columns = source.columns.as_ref().map(|cols| {
+            cols.iter().cloned().chain(LINEAGE_COLUMNS.iter().map(|c| c.to_string())).collect()
+        });
+        let table = TableRef::new(Layer::Bronze, &source.name);
+        checker.columns.insert(table.clone(), columns);
+        nodes.push(DagNode { table, depends_on: Vec::new() });
+    }
+
+    // Silver tables may read each other: order them topologically, rejecting cycles.
+    let silver_deps: Vec<Vec<TableRef>> = spec
+        .silver
+        .iter()
+        .enumerate()
+        .map(|(i, s)| silver_dependencies(&checker, i, s))
+        .collect::<Result<_, _>>()?;
+    let mut done: BTreeSet<String> = BTreeSet::new();
+    let mut order = Vec::new();
+    while order.len() < spec.silver.len() {
+        let ready = (0..spec.silver.len()).find(|&i| {
+            !done.contains(&spec.silver[i].name)
+                && silver_deps[i]
+                    .iter()
+                    .all(|d| d.layer != Layer::Silver || done.contains(&d.name))
+        });
+        match ready {
+            Some(i) => {
+                done.insert(spec.silver[i].name.clone());
+                order.push(i);
+            }
+            None => {
+                let stuck: Vec<_> = spec
+                    .silver
+                    .iter()
+                    .filter(|s| !done.contains(&s.name))
+                    .map(|s| s.name.as_str())
+                    .collect();
+                let first = spec.silver.iter().position(|s| !done.contains(&s.name)).unwrap_or(0);
+                return Err(SpecError::new(
+                    format!("silver[{first}]"),
+                    format!("dependency cycle between silver tables: {}", stuck.join(" -> ")),
+                ));
+            }
+        }
+    }
+    for i in order {
+        let columns = silver_columns(&checker, i)?;
+        let table = TableRef::new(Layer::Silver, &spec.silver[i].name);
+        checker.columns.insert(table.clone(), columns);
+        nodes.push(DagNode { table, depends_on: silver_deps[i].clone() });
+    }
+
+    for (i, gold) in spec.gold.iter().enumerate() {
+        let depends_on = gold_dependencies(&checker, i, gold)?;
+        nodes.push(DagNode { table: TableRef::new(Layer::Gold, &gold.name), depends_on });
+    }
+
+    if spec.gold.iter().any(|g| g.warehouse.is_some()) {
+        let pg = spec.warehouse.as_ref().and_then(|w| w.postgres.as_ref());
+        match pg {
+            None => {
+                let i = spec.gold.iter().position(|g| g.warehouse.is_some()).unwrap_or(0);
+                return Err(SpecError::new(
+                    format!("gold[{i}].warehouse"),
+                    "a gold table is loaded into the warehouse but the spec has no `warehouse` section",
+                ));
+            }
+            Some(pg) if pg.url.is_none() == pg.url_env.is_none() => {
+                return Err(SpecError::new("warehouse.postgres", "give exactly one of `url` or `url_env`"));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(Dag { nodes })
+}
+
+fn silver_dependencies(
+    checker: &Checker<'_>,
+    i: usize,
+    silver: &crate::SilverSpec,
+) -> Result<Vec<TableRef>, SpecError> {
+    let base = format!("silver[{i}]");
+    let mut deps = Vec::new();
+    if let Some(sql) = &silver.sql {
+        if silver.from.is_some() || silver.columns.is_some() || silver.join.is_some() {
+            return Err(SpecError::new(
+                format!("{base}.sql"),
+                "`sql` replaces `from`, `columns` and `join`; use one form",
+            ));
+        }
+        let names = sql_table_references(sql).map_err(|m| SpecError::new(format!("{base}.sql"), m))?;
+        for name in names {
+            // In silver SQL a name means the bronze table of that name, else the silver one.
+            let table = if checker.spec.sources.iter().any(|s| s.name == name) {
+                TableRef::new(Layer::Bronze, name)
+            } else if checker.spec.silver.iter().any(|s| s.name == name) && name != silver.name {
+                TableRef::new(Layer::Silver, name)
+            } else {
+                return Err(SpecError::new(format!("{base}.sql"), format!("unknown table `{name}`")));
+            };
+            deps.push(table);
+        }
+    } else {
+        let from = silver
+            .from
+            .as_ref()
+            .ok_or_else(|| SpecError::new(format!("{base}.from"), "a silver table needs `from` or `sql`"))?;
+        checker.expect_table(&format!("{base}.from"), from, &[Layer::Bronze, Layer::Silver])?;
+        deps.push(from.clone());
+    }
+    if let Some(join) = &silver.join {
+        checker.expect_table(&format!("{base}.join.with"), &join.with, &[Layer::Bronze, Layer::Silver])?;
+        if join.on.is_empty() {
+            return Err(SpecError::new(format!("{base}.join.on"), "a join needs at least one key pair"));
+        }
+        deps.push(join.with.clone());
+    }
+    if deps.iter().any(|d| d.layer == Layer::Silver && d.name == silver.name) {
+        return Err(SpecError::new(base, format!("dependency cycle: silver.{} reads itself", silver.name)));
+    }
+    deps.dedup();
+    Ok(deps)
+}
+
+/// Checks a silver table's column references and returns its output columns.
+fn silver_columns(checker: &Checker<'_>, i: usize) -> Result<Columns, SpecError> {
+    let silver = &checker.spec.silver[i];
+    let base = format!("silver[{i}]");
+    if silver.sql.is_some() {
+        return Ok(None);
+    }
+    let input = silver
+        .from
+        .as_ref()
+        .and_then(|f| checker.columns.get(f).cloned())
+        .flatten();
+    let input = input.map(Some).unwrap_or(None);
+    let mut output: Columns = match &silver.columns {
+        None => input.clone(),
+        Some(cols) => {
+            let mut out = BTreeSet::new();
+            for (j, col) in cols.iter().enumerate() {
+                let path = format!("{base}.columns[{j}]");
+                if !is_identifier(&col.name) {
+                    return Err(SpecError::new(format!("{path}.name"), format!("`{}` is not a valid column name", col.name)));
+                }
+                match (&col.from, &col.expr) {
+                    (Some(_), Some(_)) => {
+                        return Err(SpecError::new(path, "give `from` or `expr`, not both"));
+                    }
+                    (Some(from), None) => checker.expect_column(&format!("{path}.from"), from, &input)?,
+                    (None, Some(expr)) => checker.expect_columns(&format!("{path}.expr"), expr, &input)?,
+                    (None, None) => checker.expect_column(&format!("{path}.name"), &col.name, &input)?,
+                }
+                if !out.insert(col.name.clone()) {
+                    return Err(SpecError::new(format!("{path}.name"), format!("duplicate column `{}`", col.name)));
+                }
+            }
+            Some(out)
+        }
+    };
+    if let Some(filter) = &silver.filter {
+        checker.expect_columns(&format!("{base}.filter"), filter, &output)?;
+    }
+    for (j, e) in silver.expectations.iter().enumerate() {
+        if e.name.trim().is_empty() {
+            return Err(SpecError::new(format!("{base}.expectations[{j}].name"), "an expectation needs a name"));
+        }
+        checker.expect_columns(&format!("{base}.expectations[{j}].expr"), &e.expr, &output)?;
+    }
+    if let Some(dedupe) = &silver.dedupe {
+        if dedupe.keys.is_empty() {
+            return Err(SpecError::new(format!("{base}.dedupe.keys"), "dedupe needs at least one key"));
+        }
+        for (j, k) in dedupe.keys.iter().enumerate() {
+            checker.expect_column(&format!("{base}.dedupe.keys[{j}]"), k, &output)?;
+        }
+        if let Some(order) = &dedupe.order_by {
+            checker.expect_column(&format!("{base}.dedupe.order_by"), order, &output)?;
+        }
+    }
+    if let Some(join) = &silver.join {
+        let other = checker.columns.get(&join.with).cloned().flatten();
+        for (j, key) in join.on.iter().enumerate() {
+            checker.expect_column(&format!("{base}.join.on[{j}].left"), &key.left, &output)?;
+            checker.expect_column(&format!("{base}.join.on[{j}].right"), &key.right, &other)?;
+        }
+        let right_keys: BTreeSet<&str> = join.on.iter().map(|k| k.right.as_str()).collect();
+        let taken: Columns = match &join.columns {
+            Some(cols) => {
+                for (j, c) in cols.iter().enumerate() {
+                    checker.expect_column(&format!("{base}.join.columns[{j}]"), c, &other)?;
+                }
+                Some(cols.iter().cloned().collect())
+            }
+            None => other.map(|o| o.into_iter().filter(|c| !right_keys.contains(c.as_str())).collect()),
+        };
+        output = match (output, taken) {
+            (Some(mut out), Some(taken)) => {
+                for c in taken {
+                    if !out.insert(c.clone()) {
+                        return Err(SpecError::new(
+                            format!("{base}.join.columns"),
+                            format!("column `{c}` exists on both sides of the join"),
+                        ));
+                    }
+                }
+                Some(out)
+            }
+            _ => None,
+        };
+    }
+    Ok(output)
+}
+
+fn gold_dependencies(
+    checker: &Checker<'_>,
+    i: usize,
+    gold: &crate::GoldSpec,
+) -> Result<Vec<TableRef>, SpecError> {
+    let base = format!("gold[{i}]");
+    if let Some(w) = &gold.warehouse {
+        let parts: Vec<_> = w.table.split('.').collect();
+        if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
+            return Err(SpecError::new(format!("{base}.warehouse.table"), format!("`{}` must be written schema.table", w.table)));
+        }
+        if w.mode == crate::LoadMode::Merge && w.keys.is_empty() {
+            return Err(SpecError::new(format!("{base}.warehouse.keys"), "mode `merge` needs `keys`"));
+        }
+    }
+    match (&gold.sql, &gold.from) {
+        (Some(sql), None) => {
+            if !gold.group_by.is_empty() || !gold.aggregations.is_empty() || gold.filter.is_some() {
+                return Err(SpecError::new(format!("{base}.sql"), "`sql` replaces `group_by`, `aggregations` and `filter`; use one form"));
+            }
+            let names = sql_table_references(sql).map_err(|m| SpecError::new(format!("{base}.sql"), m))?;
+            names
+                .into_iter()
+                .map(|name| {
+                    let table = TableRef::new(Layer::Silver, name);
+                    checker.expect_table(&format!("{base}.sql"), &table, &[Layer::Silver])?;
+                    Ok(table)
+                })
+                .collect()
+        }
+        (None, Some(from)) => {
+            checker.expect_table(&format!("{base}.from"), from, &[Layer::Silver])?;
+            let input = checker.columns.get(from).cloned().flatten();
+            if let Some(filter) = &gold.filter {
+                checker.expect_columns(&format!("{base}.filter"), filter, &input)?;
+            }
+            if gold.aggregations.is_empty() {
+                return Err(SpecError::new(format!("{base}.aggregations"), "the group-by form needs at least one aggregation"));
+            }
+            for (j, g) in gold.group_by.iter().enumerate() {
+                checker.expect_column(&format!("{base}.group_by[{j}]"), g, &input)?;
+            }
+            for (j, a) in gold.aggregations.iter().enumerate() {
+                if !is_identifier(&a.name) {
+                    return Err(SpecError::new(format!("{base}.aggregations[{j}].name"), format!("`{}` is not a valid column name", a.name)));
+                }
+                checker.expect_columns(&format!("{base}.aggregations[{j}].expr"), &a.expr, &input)?;
+            }
+            Ok(vec![from.clone()])
+        }
+        (Some(_), Some(_)) => Err(SpecError::new(format!("{base}.sql"), "give `sql` or `from`, not both")),
+        (None, None) => Err(SpecError::new(base, "a gold table needs `sql` or `from` with `aggregations`")),
+    }
+}
