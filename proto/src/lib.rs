@@ -7,4 +7,5 @@ pub mod v1 {
 }
 
 /// Encoded `FileDescriptorSet` of every Medallion proto, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/medallion_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/medallion_descriptor.bin"));

@@ -1,0 +1,65 @@
+//! The gold layer: reads silver over the refiner's Arrow Flight, computes each gold table
+//! with polars SQL, commits `gold/<table>` as one Delta commit and loads it into the
+//! warehouse. Serves gold over Arrow Flight.
+
+mod aggregate;
+
+use medallion_lake::Lake;
+use medallion_server::CancellationToken;
+use medallion_spec::Layer;
+
+/// Aggregator settings; every flag also reads an environment variable.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Address the gRPC stage API and Arrow Flight listen on.
+    #[arg(
+        long,
+        env = "MEDALLION_AGGREGATOR_LISTEN",
+        default_value = "127.0.0.1:50063"
+    )]
+    pub listen: String,
+    /// Lake root: a local folder or file:// URL.
+    #[arg(long, env = "MEDALLION_LAKE", default_value = "./.medallion/lake")]
+    pub lake: String,
+    /// Arrow Flight endpoint of the refiner (silver is read only through it).
+    #[arg(
+        long,
+        env = "MEDALLION_SILVER_FLIGHT",
+        default_value = "http://127.0.0.1:50062"
+    )]
+    pub silver_flight: String,
+}
+
+/// Serves the stage API and gold Flight until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let lake = Lake::open(&config.lake, Default::default())?;
+    let listener = medallion_server::bind(&config.listen).await?;
+    serve(lake, config.silver_flight, listener, shutdown).await
+}
+
+/// Serves on an already bound listener (tests bind port 0).
+pub async fn serve(
+    lake: Lake,
+    silver_flight: String,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let aggregator = aggregate::Aggregator {
+        lake: lake.clone(),
+        silver_flight,
+    };
+    let stage = medallion_stage::StageServer::new(aggregator, shutdown.clone());
+    let flight = medallion_flight::LayerFlightService::new(lake, vec![Layer::Gold]);
+    let routes = tonic::service::Routes::new(stage.into_server()).add_service(flight.into_server());
+    medallion_server::serve(
+        listener,
+        routes,
+        &[
+            "medallion.v1.StageService",
+            "arrow.flight.protocol.FlightService",
+        ],
+        shutdown,
+    )
+    .await?;
+    Ok(())
+}

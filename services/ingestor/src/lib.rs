@@ -1,0 +1,58 @@
+//! The bronze layer: reads source files exactly as they are, adds lineage columns and commits
+//! them to `bronze/<source>` as one Delta commit per task. It remembers which files it took in
+//! (path, size, modification time are tags on the data files they became), so the next run
+//! ingests only new or changed files. Serves bronze over Arrow Flight.
+
+mod ingest;
+mod sources;
+
+use medallion_lake::Lake;
+use medallion_server::CancellationToken;
+use medallion_spec::Layer;
+
+/// Ingestor settings; every flag also reads an environment variable.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Address the gRPC stage API and Arrow Flight listen on.
+    #[arg(
+        long,
+        env = "MEDALLION_INGESTOR_LISTEN",
+        default_value = "127.0.0.1:50061"
+    )]
+    pub listen: String,
+    /// Lake root: a local folder or file:// URL.
+    #[arg(long, env = "MEDALLION_LAKE", default_value = "./.medallion/lake")]
+    pub lake: String,
+}
+
+/// Serves the stage API and bronze Flight until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let lake = Lake::open(&config.lake, Default::default())?;
+    let listener = medallion_server::bind(&config.listen).await?;
+    serve(lake, listener, shutdown).await
+}
+
+/// Serves on an already bound listener (tests bind port 0).
+pub async fn serve(
+    lake: Lake,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let stage = medallion_stage::StageServer::new(
+        ingest::Ingestor { lake: lake.clone() },
+        shutdown.clone(),
+    );
+    let flight = medallion_flight::LayerFlightService::new(lake, vec![Layer::Bronze]);
+    let routes = tonic::service::Routes::new(stage.into_server()).add_service(flight.into_server());
+    medallion_server::serve(
+        listener,
+        routes,
+        &[
+            "medallion.v1.StageService",
+            "arrow.flight.protocol.FlightService",
+        ],
+        shutdown,
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,68 @@
+//! The silver layer: reads bronze over the ingestor's Arrow Flight, applies the spec's typed
+//! columns, filter, expectations, de-duplication and join (or SQL) with polars, and commits
+//! `silver/<table>` (and `quarantine/<table>`) as one Delta commit each. Serves silver and
+//! quarantine over Arrow Flight.
+
+mod refine;
+mod transform;
+
+use medallion_lake::Lake;
+use medallion_server::CancellationToken;
+use medallion_spec::Layer;
+
+/// Refiner settings; every flag also reads an environment variable.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Address the gRPC stage API and Arrow Flight listen on.
+    #[arg(
+        long,
+        env = "MEDALLION_REFINER_LISTEN",
+        default_value = "127.0.0.1:50062"
+    )]
+    pub listen: String,
+    /// Lake root: a local folder or file:// URL.
+    #[arg(long, env = "MEDALLION_LAKE", default_value = "./.medallion/lake")]
+    pub lake: String,
+    /// Arrow Flight endpoint of the ingestor (bronze is read only through it).
+    #[arg(
+        long,
+        env = "MEDALLION_BRONZE_FLIGHT",
+        default_value = "http://127.0.0.1:50061"
+    )]
+    pub bronze_flight: String,
+}
+
+/// Serves the stage API and silver Flight until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let lake = Lake::open(&config.lake, Default::default())?;
+    let listener = medallion_server::bind(&config.listen).await?;
+    serve(lake, config.bronze_flight, listener, shutdown).await
+}
+
+/// Serves on an already bound listener (tests bind port 0).
+pub async fn serve(
+    lake: Lake,
+    bronze_flight: String,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let refiner = refine::Refiner {
+        lake: lake.clone(),
+        bronze_flight,
+    };
+    let stage = medallion_stage::StageServer::new(refiner, shutdown.clone());
+    let flight =
+        medallion_flight::LayerFlightService::new(lake, vec![Layer::Silver, Layer::Quarantine]);
+    let routes = tonic::service::Routes::new(stage.into_server()).add_service(flight.into_server());
+    medallion_server::serve(
+        listener,
+        routes,
+        &[
+            "medallion.v1.StageService",
+            "arrow.flight.protocol.FlightService",
+        ],
+        shutdown,
+    )
+    .await?;
+    Ok(())
+}

@@ -20,7 +20,10 @@ pub struct SpecError {
 
 impl SpecError {
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        SpecError { path: path.into(), message: message.into() }
+        SpecError {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -37,7 +40,11 @@ impl Pipeline {
         let de = serde_yaml::Deserializer::from_str(yaml);
         let spec: PipelineSpec = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
-            let path = if path == "." { "<root>".to_string() } else { path };
+            let path = if path == "." {
+                "<root>".to_string()
+            } else {
+                path
+            };
             SpecError::new(path, e.into_inner().to_string())
         })?;
         let dag = validate::validate(&spec)?;
@@ -80,14 +87,22 @@ impl GoldSpec {
         }
         let from = self.from.as_ref().map_or("", |f| f.name.as_str());
         let mut select: Vec<String> = self.group_by.iter().map(|g| format!("\"{g}\"")).collect();
-        select.extend(self.aggregations.iter().map(|a| format!("{} AS \"{}\"", a.expr, a.name)));
+        select.extend(
+            self.aggregations
+                .iter()
+                .map(|a| format!("{} AS \"{}\"", a.expr, a.name)),
+        );
         let mut sql = format!("SELECT {} FROM \"{from}\"", select.join(", "));
         if let Some(filter) = &self.filter {
             sql.push_str(&format!(" WHERE {filter}"));
         }
         if !self.group_by.is_empty() {
             let keys: Vec<String> = self.group_by.iter().map(|g| format!("\"{g}\"")).collect();
-            sql.push_str(&format!(" GROUP BY {} ORDER BY {}", keys.join(", "), keys.join(", ")));
+            sql.push_str(&format!(
+                " GROUP BY {} ORDER BY {}",
+                keys.join(", "),
+                keys.join(", ")
+            ));
         }
         sql
     }

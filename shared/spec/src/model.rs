@@ -230,7 +230,10 @@ pub enum ColumnType {
     /// Microseconds, UTC.
     Timestamp,
     /// Exact decimal with precision and scale (money).
-    Decimal { precision: u8, scale: u8 },
+    Decimal {
+        precision: u8,
+        scale: u8,
+    },
 }
 
 impl FromStr for ColumnType {
@@ -253,10 +256,18 @@ impl FromStr for ColumnType {
                 let (p, sc) = inner
                     .split_once(',')
                     .ok_or_else(|| format!("decimal needs (precision,scale), got `{s}`"))?;
-                let precision: u8 = p.trim().parse().map_err(|_| format!("bad precision in `{s}`"))?;
-                let scale: u8 = sc.trim().parse().map_err(|_| format!("bad scale in `{s}`"))?;
+                let precision: u8 = p
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("bad precision in `{s}`"))?;
+                let scale: u8 = sc
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("bad scale in `{s}`"))?;
                 if precision == 0 || precision > 38 || scale > precision {
-                    return Err(format!("decimal precision must be 1..=38 and scale <= precision, got `{s}`"));
+                    return Err(format!(
+                        "decimal precision must be 1..=38 and scale <= precision, got `{s}`"
+                    ));
                 }
                 ColumnType::Decimal { precision, scale }
             }
@@ -427,6 +438,9 @@ pub struct PostgresSpec {
     /// Name of an environment variable (on the aggregator) holding the URL.
     #[serde(default)]
     pub url_env: Option<String>,
+    /// With `url_env`: when the variable is unset, skip loading instead of failing.
+    #[serde(default)]
+    pub optional: bool,
 }
 
 /// The layers of the lake.
@@ -464,7 +478,9 @@ impl FromStr for Layer {
             "silver" => Ok(Layer::Silver),
             "gold" => Ok(Layer::Gold),
             "quarantine" => Ok(Layer::Quarantine),
-            other => Err(format!("unknown layer `{other}` (expected bronze, silver, gold or quarantine)")),
+            other => Err(format!(
+                "unknown layer `{other}` (expected bronze, silver, gold or quarantine)"
+            )),
         }
     }
 }
@@ -478,7 +494,10 @@ pub struct TableRef {
 
 impl TableRef {
     pub fn new(layer: Layer, name: impl Into<String>) -> Self {
-        TableRef { layer, name: name.into() }
+        TableRef {
+            layer,
+            name: name.into(),
+        }
     }
 }
 
@@ -491,10 +510,13 @@ impl fmt::Display for TableRef {
 impl FromStr for TableRef {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (layer, name) = s
-            .split_once('.')
-            .ok_or_else(|| format!("table reference `{s}` must be written layer.name, e.g. bronze.orders"))?;
-        Ok(TableRef { layer: layer.parse()?, name: name.to_string() })
+        let (layer, name) = s.split_once('.').ok_or_else(|| {
+            format!("table reference `{s}` must be written layer.name, e.g. bronze.orders")
+        })?;
+        Ok(TableRef {
+            layer: layer.parse()?,
+            name: name.to_string(),
+        })
     }
 }
 
@@ -512,4 +534,9 @@ impl Serialize for TableRef {
 }
 
 /// Columns every bronze table carries besides the source's own.
-pub const LINEAGE_COLUMNS: [&str; 4] = ["_source_file", "_source_modified", "_ingested_at", "_run_id"];
+pub const LINEAGE_COLUMNS: [&str; 4] = [
+    "_source_file",
+    "_source_modified",
+    "_ingested_at",
+    "_run_id",
+];

@@ -41,9 +41,24 @@ fn err(yaml: &str) -> crate::SpecError {
 fn dag_is_in_dependency_order() {
     let p = Pipeline::parse(BASE).expect("valid spec");
     let names: Vec<String> = p.dag.nodes.iter().map(|n| n.table.to_string()).collect();
-    assert_eq!(names, ["bronze.orders", "silver.orders", "silver.big_orders", "gold.daily", "gold.big"]);
-    let big = p.dag.node(&TableRef::new(Layer::Gold, "big")).expect("node");
-    assert_eq!(big.depends_on, vec![TableRef::new(Layer::Silver, "big_orders")]);
+    assert_eq!(
+        names,
+        [
+            "bronze.orders",
+            "silver.orders",
+            "silver.big_orders",
+            "gold.daily",
+            "gold.big"
+        ]
+    );
+    let big = p
+        .dag
+        .node(&TableRef::new(Layer::Gold, "big"))
+        .expect("node");
+    assert_eq!(
+        big.depends_on,
+        vec![TableRef::new(Layer::Silver, "big_orders")]
+    );
     let upstream = p.dag.with_upstream(&[TableRef::new(Layer::Gold, "daily")]);
     assert_eq!(upstream.len(), 3);
 }
@@ -60,7 +75,10 @@ fn unknown_table_is_rejected() {
     let e = err(&BASE.replace("FROM big_orders", "FROM nowhere"));
     assert_eq!(e.path, "gold[1].sql");
     assert!(e.message.contains("nowhere"), "{e}");
-    let e = err(&BASE.replace("from: silver.orders\n    filter", "from: silver.missing\n    filter"));
+    let e = err(&BASE.replace(
+        "from: silver.orders\n    filter",
+        "from: silver.missing\n    filter",
+    ));
     assert_eq!(e.path, "silver[1].from");
 }
 
@@ -85,5 +103,8 @@ fn yaml_type_errors_carry_the_path() {
 fn group_by_form_becomes_sql() {
     let p = Pipeline::parse(BASE).expect("valid spec");
     let q = p.gold("daily").expect("gold").query();
-    assert_eq!(q, "SELECT \"day\", sum(amount) AS \"total\" FROM \"orders\" GROUP BY \"day\" ORDER BY \"day\"");
+    assert_eq!(
+        q,
+        "SELECT \"day\", sum(amount) AS \"total\" FROM \"orders\" GROUP BY \"day\" ORDER BY \"day\""
+    );
 }

@@ -12,7 +12,7 @@ use sqlparser::{
     parser::Parser,
 };
 
-use crate::{Layer, LINEAGE_COLUMNS, PipelineSpec, SpecError, TableRef};
+use crate::{LINEAGE_COLUMNS, Layer, PipelineSpec, SpecError, TableRef};
 
 /// One table of the pipeline and the tables it reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,7 +40,11 @@ impl Dag {
                 wanted.extend(node.depends_on.iter().cloned());
             }
         }
-        self.nodes.iter().filter(|n| wanted.contains(&n.table)).map(|n| n.table.clone()).collect()
+        self.nodes
+            .iter()
+            .filter(|n| wanted.contains(&n.table))
+            .map(|n| n.table.clone())
+            .collect()
     }
 }
 
@@ -82,7 +86,10 @@ pub fn sql_table_references(sql: &str) -> Result<BTreeSet<String>, String> {
     let statements =
         Parser::parse_sql(&GenericDialect {}, sql).map_err(|e| format!("not valid SQL: {e}"))?;
     if statements.len() != 1 {
-        return Err(format!("expected exactly one SQL query, found {}", statements.len()));
+        return Err(format!(
+            "expected exactly one SQL query, found {}",
+            statements.len()
+        ));
     }
     let mut ctes = BTreeSet::new();
     if let sqlparser::ast::Statement::Query(q) = &statements[0] {
@@ -118,14 +125,22 @@ impl Checker<'_> {
             if let Some(missing) = used.iter().find(|c| !available.contains(*c)) {
                 return Err(SpecError::new(
                     path,
-                    format!("unknown column `{missing}` (available: {})", join(available)),
+                    format!(
+                        "unknown column `{missing}` (available: {})",
+                        join(available)
+                    ),
                 ));
             }
         }
         Ok(())
     }
 
-    fn expect_column(&self, path: &str, column: &str, available: &Columns) -> Result<(), SpecError> {
+    fn expect_column(
+        &self,
+        path: &str,
+        column: &str,
+        available: &Columns,
+    ) -> Result<(), SpecError> {
         match available {
             Some(cols) if !cols.contains(column) => Err(SpecError::new(
                 path,
@@ -136,10 +151,18 @@ impl Checker<'_> {
     }
 
     /// Resolves a reference to an existing bronze or silver table.
-    fn expect_table(&self, path: &str, table: &TableRef, allowed: &[Layer]) -> Result<(), SpecError> {
+    fn expect_table(
+        &self,
+        path: &str,
+        table: &TableRef,
+        allowed: &[Layer],
+    ) -> Result<(), SpecError> {
         if !allowed.contains(&table.layer) {
             let names: Vec<_> = allowed.iter().map(|l| l.as_str()).collect();
-            return Err(SpecError::new(path, format!("`{table}` must be a {} table", names.join(" or "))));
+            return Err(SpecError::new(
+                path,
+                format!("`{table}` must be a {} table", names.join(" or ")),
+            ));
         }
         let exists = match table.layer {
             Layer::Bronze => self.spec.sources.iter().any(|s| s.name == table.name),
@@ -147,26 +170,36 @@ impl Checker<'_> {
             Layer::Gold => self.spec.gold.iter().any(|s| s.name == table.name),
             Layer::Quarantine => false,
         };
-        if exists { Ok(()) } else { Err(SpecError::new(path, format!("unknown table `{table}`"))) }
+        if exists {
+            Ok(())
+        } else {
+            Err(SpecError::new(path, format!("unknown table `{table}`")))
+        }
     }
 }
 
 fn join(cols: &BTreeSet<String>) -> String {
-    cols.iter().map(String::as_str).collect::<Vec<_>>().join(", ")
+    cols.iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
-fn check_names<'a>(
-    section: &str,
-    names: impl Iterator<Item = &'a str>,
-) -> Result<(), SpecError> {
+fn check_names<'a>(section: &str, names: impl Iterator<Item = &'a str>) -> Result<(), SpecError> {
     let mut seen = BTreeSet::new();
     for (i, name) in names.enumerate() {
         let path = format!("{section}[{i}].name");
         if !is_identifier(name) {
-            return Err(SpecError::new(path, format!("`{name}` is not a valid table name (letters, digits, _)")));
+            return Err(SpecError::new(
+                path,
+                format!("`{name}` is not a valid table name (letters, digits, _)"),
+            ));
         }
         if !seen.insert(name) {
-            return Err(SpecError::new(path, format!("duplicate table name `{name}`")));
+            return Err(SpecError::new(
+                path,
+                format!("duplicate table name `{name}`"),
+            ));
         }
     }
     Ok(())
@@ -174,32 +207,57 @@ fn check_names<'a>(
 
 pub(crate) fn validate(spec: &PipelineSpec) -> Result<Dag, SpecError> {
     if !is_identifier(&spec.name) {
-        return Err(SpecError::new("name", format!("`{}` is not a valid pipeline name (letters, digits, _)", spec.name)));
+        return Err(SpecError::new(
+            "name",
+            format!(
+                "`{}` is not a valid pipeline name (letters, digits, _)",
+                spec.name
+            ),
+        ));
     }
     if let Some(schedule) = &spec.schedule {
-        cron::Schedule::from_str(schedule.cron())
-            .map_err(|e| SpecError::new("schedule", format!("invalid cron expression `{}`: {e}", schedule.cron())))?;
+        cron::Schedule::from_str(schedule.cron()).map_err(|e| {
+            SpecError::new(
+                "schedule",
+                format!("invalid cron expression `{}`: {e}", schedule.cron()),
+            )
+        })?;
     }
     if spec.sources.is_empty() {
-        return Err(SpecError::new("sources", "a pipeline needs at least one source"));
+        return Err(SpecError::new(
+            "sources",
+            "a pipeline needs at least one source",
+        ));
     }
     check_names("sources", spec.sources.iter().map(|s| s.name.as_str()))?;
     check_names("silver", spec.silver.iter().map(|s| s.name.as_str()))?;
     check_names("gold", spec.gold.iter().map(|s| s.name.as_str()))?;
 
-    let mut checker = Checker { spec, columns: BTreeMap::new() };
+    let mut checker = Checker {
+        spec,
+        columns: BTreeMap::new(),
+    };
     let mut nodes = Vec::new();
 
     for (i, source) in spec.sources.iter().enumerate() {
         if source.path.trim().is_empty() {
-            return Err(SpecError::new(format!("sources[{i}].path"), "a source needs a path"));
+            return Err(SpecError::new(
+                format!("sources[{i}].path"),
+                "a source needs a path",
+            ));
         }
         let columns = source.columns.as_ref().map(|cols| {
-            cols.iter().cloned().chain(LINEAGE_COLUMNS.iter().map(|c| c.to_string())).collect()
+            cols.iter()
+                .cloned()
+                .chain(LINEAGE_COLUMNS.iter().map(|c| c.to_string()))
+                .collect()
         });
         let table = TableRef::new(Layer::Bronze, &source.name);
         checker.columns.insert(table.clone(), columns);
-        nodes.push(DagNode { table, depends_on: Vec::new() });
+        nodes.push(DagNode {
+            table,
+            depends_on: Vec::new(),
+        });
     }
 
     // Silver tables may read each other: order them topologically, rejecting cycles.
@@ -230,10 +288,17 @@ pub(crate) fn validate(spec: &PipelineSpec) -> Result<Dag, SpecError> {
                     .filter(|s| !done.contains(&s.name))
                     .map(|s| s.name.as_str())
                     .collect();
-                let first = spec.silver.iter().position(|s| !done.contains(&s.name)).unwrap_or(0);
+                let first = spec
+                    .silver
+                    .iter()
+                    .position(|s| !done.contains(&s.name))
+                    .unwrap_or(0);
                 return Err(SpecError::new(
                     format!("silver[{first}]"),
-                    format!("dependency cycle between silver tables: {}", stuck.join(" -> ")),
+                    format!(
+                        "dependency cycle between silver tables: {}",
+                        stuck.join(" -> ")
+                    ),
                 ));
             }
         }
@@ -242,26 +307,39 @@ pub(crate) fn validate(spec: &PipelineSpec) -> Result<Dag, SpecError> {
         let columns = silver_columns(&checker, i)?;
         let table = TableRef::new(Layer::Silver, &spec.silver[i].name);
         checker.columns.insert(table.clone(), columns);
-        nodes.push(DagNode { table, depends_on: silver_deps[i].clone() });
+        nodes.push(DagNode {
+            table,
+            depends_on: silver_deps[i].clone(),
+        });
     }
 
     for (i, gold) in spec.gold.iter().enumerate() {
         let depends_on = gold_dependencies(&checker, i, gold)?;
-        nodes.push(DagNode { table: TableRef::new(Layer::Gold, &gold.name), depends_on });
+        nodes.push(DagNode {
+            table: TableRef::new(Layer::Gold, &gold.name),
+            depends_on,
+        });
     }
 
     if spec.gold.iter().any(|g| g.warehouse.is_some()) {
         let pg = spec.warehouse.as_ref().and_then(|w| w.postgres.as_ref());
         match pg {
             None => {
-                let i = spec.gold.iter().position(|g| g.warehouse.is_some()).unwrap_or(0);
+                let i = spec
+                    .gold
+                    .iter()
+                    .position(|g| g.warehouse.is_some())
+                    .unwrap_or(0);
                 return Err(SpecError::new(
                     format!("gold[{i}].warehouse"),
                     "a gold table is loaded into the warehouse but the spec has no `warehouse` section",
                 ));
             }
             Some(pg) if pg.url.is_none() == pg.url_env.is_none() => {
-                return Err(SpecError::new("warehouse.postgres", "give exactly one of `url` or `url_env`"));
+                return Err(SpecError::new(
+                    "warehouse.postgres",
+                    "give exactly one of `url` or `url_env`",
+                ));
             }
             Some(_) => {}
         }
@@ -283,7 +361,8 @@ fn silver_dependencies(
                 "`sql` replaces `from`, `columns` and `join`; use one form",
             ));
         }
-        let names = sql_table_references(sql).map_err(|m| SpecError::new(format!("{base}.sql"), m))?;
+        let names =
+            sql_table_references(sql).map_err(|m| SpecError::new(format!("{base}.sql"), m))?;
         for name in names {
             // In silver SQL a name means the bronze table of that name, else the silver one.
             let table = if checker.spec.sources.iter().any(|s| s.name == name) {
@@ -291,27 +370,49 @@ fn silver_dependencies(
             } else if checker.spec.silver.iter().any(|s| s.name == name) && name != silver.name {
                 TableRef::new(Layer::Silver, name)
             } else {
-                return Err(SpecError::new(format!("{base}.sql"), format!("unknown table `{name}`")));
+                return Err(SpecError::new(
+                    format!("{base}.sql"),
+                    format!("unknown table `{name}`"),
+                ));
             };
             deps.push(table);
         }
     } else {
-        let from = silver
-            .from
-            .as_ref()
-            .ok_or_else(|| SpecError::new(format!("{base}.from"), "a silver table needs `from` or `sql`"))?;
-        checker.expect_table(&format!("{base}.from"), from, &[Layer::Bronze, Layer::Silver])?;
+        let from = silver.from.as_ref().ok_or_else(|| {
+            SpecError::new(
+                format!("{base}.from"),
+                "a silver table needs `from` or `sql`",
+            )
+        })?;
+        checker.expect_table(
+            &format!("{base}.from"),
+            from,
+            &[Layer::Bronze, Layer::Silver],
+        )?;
         deps.push(from.clone());
     }
     if let Some(join) = &silver.join {
-        checker.expect_table(&format!("{base}.join.with"), &join.with, &[Layer::Bronze, Layer::Silver])?;
+        checker.expect_table(
+            &format!("{base}.join.with"),
+            &join.with,
+            &[Layer::Bronze, Layer::Silver],
+        )?;
         if join.on.is_empty() {
-            return Err(SpecError::new(format!("{base}.join.on"), "a join needs at least one key pair"));
+            return Err(SpecError::new(
+                format!("{base}.join.on"),
+                "a join needs at least one key pair",
+            ));
         }
         deps.push(join.with.clone());
     }
-    if deps.iter().any(|d| d.layer == Layer::Silver && d.name == silver.name) {
-        return Err(SpecError::new(base, format!("dependency cycle: silver.{} reads itself", silver.name)));
+    if deps
+        .iter()
+        .any(|d| d.layer == Layer::Silver && d.name == silver.name)
+    {
+        return Err(SpecError::new(
+            base,
+            format!("dependency cycle: silver.{} reads itself", silver.name),
+        ));
     }
     deps.dedup();
     Ok(deps)
@@ -337,18 +438,30 @@ fn silver_columns(checker: &Checker<'_>, i: usize) -> Result<Columns, SpecError>
             for (j, col) in cols.iter().enumerate() {
                 let path = format!("{base}.columns[{j}]");
                 if !is_identifier(&col.name) {
-                    return Err(SpecError::new(format!("{path}.name"), format!("`{}` is not a valid column name", col.name)));
+                    return Err(SpecError::new(
+                        format!("{path}.name"),
+                        format!("`{}` is not a valid column name", col.name),
+                    ));
                 }
                 match (&col.from, &col.expr) {
                     (Some(_), Some(_)) => {
                         return Err(SpecError::new(path, "give `from` or `expr`, not both"));
                     }
-                    (Some(from), None) => checker.expect_column(&format!("{path}.from"), from, &input)?,
-                    (None, Some(expr)) => checker.expect_columns(&format!("{path}.expr"), expr, &input)?,
-                    (None, None) => checker.expect_column(&format!("{path}.name"), &col.name, &input)?,
+                    (Some(from), None) => {
+                        checker.expect_column(&format!("{path}.from"), from, &input)?
+                    }
+                    (None, Some(expr)) => {
+                        checker.expect_columns(&format!("{path}.expr"), expr, &input)?
+                    }
+                    (None, None) => {
+                        checker.expect_column(&format!("{path}.name"), &col.name, &input)?
+                    }
                 }
                 if !out.insert(col.name.clone()) {
-                    return Err(SpecError::new(format!("{path}.name"), format!("duplicate column `{}`", col.name)));
+                    return Err(SpecError::new(
+                        format!("{path}.name"),
+                        format!("duplicate column `{}`", col.name),
+                    ));
                 }
             }
             Some(out)
@@ -359,13 +472,19 @@ fn silver_columns(checker: &Checker<'_>, i: usize) -> Result<Columns, SpecError>
     }
     for (j, e) in silver.expectations.iter().enumerate() {
         if e.name.trim().is_empty() {
-            return Err(SpecError::new(format!("{base}.expectations[{j}].name"), "an expectation needs a name"));
+            return Err(SpecError::new(
+                format!("{base}.expectations[{j}].name"),
+                "an expectation needs a name",
+            ));
         }
         checker.expect_columns(&format!("{base}.expectations[{j}].expr"), &e.expr, &output)?;
     }
     if let Some(dedupe) = &silver.dedupe {
         if dedupe.keys.is_empty() {
-            return Err(SpecError::new(format!("{base}.dedupe.keys"), "dedupe needs at least one key"));
+            return Err(SpecError::new(
+                format!("{base}.dedupe.keys"),
+                "dedupe needs at least one key",
+            ));
         }
         for (j, k) in dedupe.keys.iter().enumerate() {
             checker.expect_column(&format!("{base}.dedupe.keys[{j}]"), k, &output)?;
@@ -388,7 +507,11 @@ fn silver_columns(checker: &Checker<'_>, i: usize) -> Result<Columns, SpecError>
                 }
                 Some(cols.iter().cloned().collect())
             }
-            None => other.map(|o| o.into_iter().filter(|c| !right_keys.contains(c.as_str())).collect()),
+            None => other.map(|o| {
+                o.into_iter()
+                    .filter(|c| !right_keys.contains(c.as_str()))
+                    .collect()
+            }),
         };
         output = match (output, taken) {
             (Some(mut out), Some(taken)) => {
@@ -417,18 +540,28 @@ fn gold_dependencies(
     if let Some(w) = &gold.warehouse {
         let parts: Vec<_> = w.table.split('.').collect();
         if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
-            return Err(SpecError::new(format!("{base}.warehouse.table"), format!("`{}` must be written schema.table", w.table)));
+            return Err(SpecError::new(
+                format!("{base}.warehouse.table"),
+                format!("`{}` must be written schema.table", w.table),
+            ));
         }
         if w.mode == crate::LoadMode::Merge && w.keys.is_empty() {
-            return Err(SpecError::new(format!("{base}.warehouse.keys"), "mode `merge` needs `keys`"));
+            return Err(SpecError::new(
+                format!("{base}.warehouse.keys"),
+                "mode `merge` needs `keys`",
+            ));
         }
     }
     match (&gold.sql, &gold.from) {
         (Some(sql), None) => {
             if !gold.group_by.is_empty() || !gold.aggregations.is_empty() || gold.filter.is_some() {
-                return Err(SpecError::new(format!("{base}.sql"), "`sql` replaces `group_by`, `aggregations` and `filter`; use one form"));
+                return Err(SpecError::new(
+                    format!("{base}.sql"),
+                    "`sql` replaces `group_by`, `aggregations` and `filter`; use one form",
+                ));
             }
-            let names = sql_table_references(sql).map_err(|m| SpecError::new(format!("{base}.sql"), m))?;
+            let names =
+                sql_table_references(sql).map_err(|m| SpecError::new(format!("{base}.sql"), m))?;
             names
                 .into_iter()
                 .map(|name| {
@@ -445,20 +578,36 @@ fn gold_dependencies(
                 checker.expect_columns(&format!("{base}.filter"), filter, &input)?;
             }
             if gold.aggregations.is_empty() {
-                return Err(SpecError::new(format!("{base}.aggregations"), "the group-by form needs at least one aggregation"));
+                return Err(SpecError::new(
+                    format!("{base}.aggregations"),
+                    "the group-by form needs at least one aggregation",
+                ));
             }
             for (j, g) in gold.group_by.iter().enumerate() {
                 checker.expect_column(&format!("{base}.group_by[{j}]"), g, &input)?;
             }
             for (j, a) in gold.aggregations.iter().enumerate() {
                 if !is_identifier(&a.name) {
-                    return Err(SpecError::new(format!("{base}.aggregations[{j}].name"), format!("`{}` is not a valid column name", a.name)));
+                    return Err(SpecError::new(
+                        format!("{base}.aggregations[{j}].name"),
+                        format!("`{}` is not a valid column name", a.name),
+                    ));
                 }
-                checker.expect_columns(&format!("{base}.aggregations[{j}].expr"), &a.expr, &input)?;
+                checker.expect_columns(
+                    &format!("{base}.aggregations[{j}].expr"),
+                    &a.expr,
+                    &input,
+                )?;
             }
             Ok(vec![from.clone()])
         }
-        (Some(_), Some(_)) => Err(SpecError::new(format!("{base}.sql"), "give `sql` or `from`, not both")),
-        (None, None) => Err(SpecError::new(base, "a gold table needs `sql` or `from` with `aggregations`")),
+        (Some(_), Some(_)) => Err(SpecError::new(
+            format!("{base}.sql"),
+            "give `sql` or `from`, not both",
+        )),
+        (None, None) => Err(SpecError::new(
+            base,
+            "a gold table needs `sql` or `from` with `aggregations`",
+        )),
     }
 }

@@ -1,0 +1,225 @@
+//! One gold task: read the silver inputs over Flight, run the table's SQL, commit, load the
+//! warehouse. The load runs on every task (replace and merge are idempotent), so a load that
+//! failed after its gold commit is completed by the retry.
+
+use std::collections::BTreeMap;
+
+use medallion_flight::FlightReader;
+use medallion_lake::{CommitOutcome, CommitSpec, Lake, Layer, WriteMode};
+use medallion_server::CancellationToken;
+use medallion_spec::{GoldSpec, LoadMode, Pipeline, TableRef};
+use medallion_stage::{
+    Manifest, Progress, TAG_INPUTS, TaskError, TaskRequest, TaskRunner, recorded_inputs,
+};
+use medallion_warehouse::{PostgresSink, QualifiedName};
+use polars::prelude::*;
+
+pub struct Aggregator {
+    pub lake: Lake,
+    pub silver_flight: String,
+}
+
+/// Runs a gold table's query over its input frames, registered under their silver names.
+pub fn compute(
+    spec: &GoldSpec,
+    inputs: &BTreeMap<TableRef, DataFrame>,
+) -> Result<DataFrame, TaskError> {
+    let mut ctx = polars::sql::SQLContext::new();
+    for (table, df) in inputs {
+        ctx.register(&table.name, df.clone().lazy());
+    }
+    ctx.execute(&spec.query())
+        .and_then(|lf| lf.collect())
+        .map_err(|e| TaskError::Invalid(format!("gold.{}: {e}", spec.name)))
+}
+
+/// The warehouse URL of a pipeline, `None` when loading is optional and not configured here.
+fn warehouse_url(pipeline: &Pipeline) -> Result<Option<String>, TaskError> {
+    let Some(pg) = pipeline
+        .spec
+        .warehouse
+        .as_ref()
+        .and_then(|w| w.postgres.as_ref())
+    else {
+        return Err(TaskError::Invalid(
+            "the spec has no warehouse.postgres section".into(),
+        ));
+    };
+    if let Some(url) = &pg.url {
+        return Ok(Some(url.clone()));
+    }
+    let var = pg.url_env.as_deref().unwrap_or_default();
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Ok(Some(url)),
+        _ if pg.optional => Ok(None),
+        _ => Err(TaskError::Invalid(format!(
+            "warehouse.postgres.url_env: ${var} is not set on the aggregator"
+        ))),
+    }
+}
+
+impl Aggregator {
+    async fn load_warehouse(
+        &self,
+        task: &TaskRequest,
+        spec: &GoldSpec,
+        progress: &Progress,
+    ) -> Result<(), TaskError> {
+        let Some(target) = &spec.warehouse else {
+            return Ok(());
+        };
+        let Some(url) = warehouse_url(&task.pipeline)? else {
+            tracing::info!(table = %task.table, "warehouse loading skipped: optional and not configured");
+            return Ok(());
+        };
+        let name: QualifiedName = target
+            .table
+            .parse()
+            .map_err(|e| TaskError::Invalid(format!("{e}")))?;
+        let snapshot = self
+            .lake
+            .snapshot(Layer::Gold, &spec.name, None)
+            .await
+            .map_err(TaskError::internal)?
+            .ok_or_else(|| TaskError::internal(format!("gold.{} does not exist", spec.name)))?;
+        progress.report(&format!("loading warehouse {name}"), 0, 0, true);
+        let mode = match target.mode {
+            LoadMode::Replace => medallion_warehouse::LoadMode::Replace,
+            LoadMode::Merge => medallion_warehouse::LoadMode::Merge {
+                keys: target.keys.clone(),
+            },
+        };
+        let lake = self.lake.clone();
+        let files = snapshot.files.clone();
+        let reader_snapshot = snapshot.clone();
+        let batches = futures::stream::iter(files)
+            .map(move |f| lake.read_file(&reader_snapshot, &f, 64 * 1024))
+            .flatten();
+        let mut sink = PostgresSink::connect(&url)
+            .await
+            .map_err(TaskError::internal)?;
+        let report = sink
+            .load(&name, &snapshot.schema, batches, mode)
+            .await
+            .map_err(|e| {
+                TaskError::internal(format!("loading gold.{} into {name}: {e}", spec.name))
+            })?;
+        tracing::info!(table = %task.table, target = %name, rows = report.rows, "warehouse loaded");
+        Ok(())
+    }
+}
+
+use futures::StreamExt;
+
+#[tonic::async_trait]
+impl TaskRunner for Aggregator {
+    fn layer(&self) -> Layer {
+        Layer::Gold
+    }
+
+    async fn run(
+        &self,
+        task: TaskRequest,
+        progress: Progress,
+        cancel: CancellationToken,
+    ) -> Result<Manifest, TaskError> {
+        let spec = task
+            .pipeline
+            .gold(&task.table.name)
+            .cloned()
+            .ok_or_else(|| {
+                TaskError::Invalid(format!("no gold table named {}", task.table.name))
+            })?;
+        let name = spec.name.clone();
+        let deps = task
+            .pipeline
+            .dag
+            .node(&task.table)
+            .map(|n| n.depends_on.clone())
+            .unwrap_or_default();
+        let input_versions: BTreeMap<String, i64> = deps
+            .iter()
+            .map(|d| (d.to_string(), task.inputs.get(d).map_or(-1, |m| m.version)))
+            .collect();
+
+        let current = self
+            .lake
+            .snapshot(Layer::Gold, &name, None)
+            .await
+            .map_err(TaskError::internal)?;
+        let up_to_date = match &current {
+            Some(snapshot) => {
+                snapshot
+                    .app_version(&task.app_id())
+                    .await
+                    .map_err(TaskError::internal)?
+                    >= Some(task.run_sequence as i64)
+                    || (!task.full_refresh
+                        && recorded_inputs(snapshot).as_ref() == Some(&input_versions))
+            }
+            None => false,
+        };
+        let mut manifest = if let (true, Some(snapshot)) = (up_to_date, &current) {
+            Manifest::of_snapshot(snapshot, false)
+        } else {
+            let reader = FlightReader::connect(&self.silver_flight)
+                .await
+                .map_err(TaskError::internal)?;
+            let mut inputs = BTreeMap::new();
+            for dep in &deps {
+                let m = task.inputs.get(dep).ok_or_else(|| {
+                    TaskError::internal(format!("no manifest for input {dep} in this run"))
+                })?;
+                progress.report(&format!("reading {dep}"), 0, 0, true);
+                let (schema, batches) = tokio::select! {
+                    r = reader.read_all(&m.tickets) => r.map_err(TaskError::internal)?,
+                    _ = cancel.cancelled() => return Err(TaskError::Cancelled),
+                };
+                let df = medallion_frames::frame_from_batches(&schema, &batches)
+                    .map_err(TaskError::internal)?;
+                inputs.insert(dep.clone(), df);
+            }
+            progress.report("aggregating", 0, 0, true);
+            let gold_spec = spec.clone();
+            let gold = tokio::task::spawn_blocking(move || compute(&gold_spec, &inputs))
+                .await
+                .map_err(TaskError::internal)??;
+            progress.report("writing", gold.height() as u64, 0, true);
+            let tags = BTreeMap::from([(
+                TAG_INPUTS.to_string(),
+                serde_json::to_string(&input_versions).map_err(TaskError::internal)?,
+            )]);
+            let mut metadata = serde_json::Map::new();
+            metadata.insert("run_id".into(), task.run_id.clone().into());
+            metadata.insert("pipeline".into(), task.pipeline.spec.name.clone().into());
+            let commit = CommitSpec {
+                mode: WriteMode::Overwrite,
+                app_id: task.app_id(),
+                txn_version: task.run_sequence as i64,
+                metadata,
+            };
+            let outcome =
+                medallion_frames::commit_frame(&self.lake, Layer::Gold, &name, &gold, tags, commit)
+                    .await
+                    .map_err(TaskError::internal)?;
+            let snapshot = self
+                .lake
+                .snapshot(Layer::Gold, &name, None)
+                .await
+                .map_err(TaskError::internal)?
+                .ok_or_else(|| TaskError::internal(format!("gold.{name} vanished after commit")))?;
+            let mut manifest = Manifest::of_snapshot(
+                &snapshot,
+                matches!(outcome, CommitOutcome::Committed { .. }),
+            );
+            if let CommitOutcome::Committed { rows, bytes, .. } = outcome {
+                manifest.rows_written = rows.max(0) as u64;
+                manifest.bytes_written = bytes.max(0) as u64;
+            }
+            manifest
+        };
+        self.load_warehouse(&task, &spec, &progress).await?;
+        manifest.input_versions = input_versions;
+        Ok(manifest)
+    }
+}

@@ -1,0 +1,822 @@
+//! Pipelines, runs and their execution: plans a run's DAG, runs independent tasks
+//! concurrently on the layer services, retries with exponential backoff, enforces per-task
+//! timeouts, cancels, and records every step in the store before announcing it.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use medallion_proto::v1 as pb;
+use medallion_proto::v1::stage_service_client::StageServiceClient;
+use medallion_spec::{Layer, Pipeline, TableRef};
+use medallion_stage::{manifest_to_pb, table_to_pb};
+use tokio::{sync::broadcast, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, transport::Channel};
+
+use crate::store::{
+    EventKind, EventRecord, ExpectationRecord, ManifestRecord, PipelineRecord, RunRecord, RunState,
+    Store, TaskRecord, TaskState,
+};
+
+/// Why a control request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    InvalidSpec(#[from] medallion_spec::SpecError),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+impl From<EngineError> for tonic::Status {
+    fn from(e: EngineError) -> tonic::Status {
+        match &e {
+            EngineError::InvalidSpec(_) | EngineError::InvalidArgument(_) => {
+                tonic::Status::invalid_argument(e.to_string())
+            }
+            EngineError::NotFound(_) => tonic::Status::not_found(e.to_string()),
+            EngineError::Conflict(_) => tonic::Status::failed_precondition(e.to_string()),
+            EngineError::Store(_) => {
+                tracing::error!("{e}");
+                tonic::Status::internal(e.to_string())
+            }
+        }
+    }
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// gRPC channels to the three layer services (a DNS name or address each).
+#[derive(Clone)]
+pub struct LayerEndpoints {
+    pub ingestor: Channel,
+    pub refiner: Channel,
+    pub aggregator: Channel,
+}
+
+impl LayerEndpoints {
+    fn for_layer(&self, layer: Layer) -> Channel {
+        match layer {
+            Layer::Bronze => self.ingestor.clone(),
+            Layer::Silver | Layer::Quarantine => self.refiner.clone(),
+            Layer::Gold => self.aggregator.clone(),
+        }
+    }
+}
+
+struct State {
+    pipelines: BTreeMap<String, PipelineRecord>,
+    runs: BTreeMap<String, RunRecord>,
+    /// Highest run sequence handed out; sequences only grow, even across deletes and restarts.
+    last_sequence: u64,
+}
+
+struct LiveRun {
+    events: broadcast::Sender<EventRecord>,
+    cancel: CancellationToken,
+}
+
+/// The coordinator's state and its run executor.
+pub struct Engine {
+    store: Store,
+    state: Mutex<State>,
+    live: Mutex<HashMap<String, LiveRun>>,
+    endpoints: LayerEndpoints,
+    shutdown: CancellationToken,
+}
+
+/// A task outcome inside the executor.
+enum TaskOutcome {
+    Succeeded(pb::TaskManifest),
+    Failed,
+    Cancelled,
+}
+
+impl Engine {
+    /// Loads the store; runs a previous coordinator left unfinished are resumed by [`Engine::resume`].
+    pub fn open(
+        store: Store,
+        endpoints: LayerEndpoints,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Engine>> {
+        let pipelines = store
+            .load_pipelines()?
+            .into_iter()
+            .map(|p| (p.name.clone(), p))
+            .collect();
+        let runs: BTreeMap<String, RunRecord> = store
+            .load_runs()?
+            .into_iter()
+            .map(|r| (r.id.clone(), r))
+            .collect();
+        let last_sequence = runs.values().map(|r| r.sequence).max().unwrap_or(0);
+        Ok(Arc::new(Engine {
+            store,
+            state: Mutex::new(State {
+                pipelines,
+                runs,
+                last_sequence,
+            }),
+            live: Mutex::new(HashMap::new()),
+            endpoints,
+            shutdown,
+        }))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave records half-updated on disk (writes are atomic).
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Restarts every run that was queued or running when the coordinator stopped.
+    pub fn resume(self: &Arc<Self>) {
+        let ids: Vec<String> = self
+            .state()
+            .runs
+            .values()
+            .filter(|r| !r.state.is_finished())
+            .map(|r| r.id.clone())
+            .collect();
+        for id in ids {
+            tracing::info!(run = %id, "resuming run interrupted by a restart");
+            self.start(id, "resume");
+        }
+    }
+
+    // ---- pipelines ----
+
+    pub fn apply(&self, spec_yaml: &str, base_dir: &str) -> Result<PipelineRecord> {
+        let pipeline = Pipeline::parse(spec_yaml)?;
+        let name = pipeline.spec.name.clone();
+        let mut state = self.state();
+        let revision = state.pipelines.get(&name).map_or(1, |p| p.revision + 1);
+        let last_tick_ms = state.pipelines.get(&name).and_then(|p| p.last_tick_ms);
+        let record = PipelineRecord {
+            name: name.clone(),
+            revision,
+            spec_yaml: spec_yaml.to_string(),
+            base_dir: base_dir.to_string(),
+            applied_at_ms: now_ms(),
+            last_tick_ms,
+        };
+        self.store.save_pipeline(&record)?;
+        state.pipelines.insert(name, record.clone());
+        Ok(record)
+    }
+
+    pub fn pipeline(&self, name: &str) -> Result<PipelineRecord> {
+        self.state()
+            .pipelines
+            .get(name)
+            .cloned()
+            .ok_or_else(|| EngineError::NotFound(format!("no pipeline named `{name}`")))
+    }
+
+    pub fn pipelines(&self) -> Vec<PipelineRecord> {
+        self.state().pipelines.values().cloned().collect()
+    }
+
+    pub fn delete(&self, name: &str) -> Result<()> {
+        let mut state = self.state();
+        if active_run(&state, name).is_some() {
+            return Err(EngineError::Conflict(format!(
+                "pipeline `{name}` has a run in progress; cancel it first"
+            )));
+        }
+        if state.pipelines.remove(name).is_none() {
+            return Err(EngineError::NotFound(format!("no pipeline named `{name}`")));
+        }
+        self.store.delete_pipeline(name)?;
+        Ok(())
+    }
+
+    pub fn active_run(&self, pipeline: &str) -> Option<String> {
+        active_run(&self.state(), pipeline)
+    }
+
+    pub fn set_last_tick(&self, pipeline: &str, at_ms: i64) -> Result<()> {
+        let mut state = self.state();
+        if let Some(p) = state.pipelines.get_mut(pipeline) {
+            p.last_tick_ms = Some(at_ms);
+            self.store.save_pipeline(p)?;
+        }
+        Ok(())
+    }
+
+    // ---- runs ----
+
+    pub fn trigger(
+        self: &Arc<Self>,
+        pipeline: &str,
+        full_refresh: bool,
+        tables: Vec<String>,
+        trigger: &str,
+    ) -> Result<RunRecord> {
+        let record = {
+            let mut state = self.state();
+            let p =
+                state.pipelines.get(pipeline).cloned().ok_or_else(|| {
+                    EngineError::NotFound(format!("no pipeline named `{pipeline}`"))
+                })?;
+            if let Some(active) = active_run(&state, pipeline) {
+                return Err(EngineError::Conflict(format!(
+                    "pipeline `{pipeline}` already has run {active} in progress"
+                )));
+            }
+            let parsed = Pipeline::parse(&p.spec_yaml)?;
+            let mut selected = Vec::new();
+            for t in &tables {
+                let table: TableRef = t
+                    .parse()
+                    .map_err(|e: String| EngineError::InvalidArgument(format!("tables: {e}")))?;
+                if parsed.dag.node(&table).is_none() {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "tables: pipeline `{pipeline}` has no table {table}"
+                    )));
+                }
+                selected.push(table);
+            }
+            let plan = if selected.is_empty() {
+                parsed.dag.nodes.iter().map(|n| n.table.clone()).collect()
+            } else {
+                parsed.dag.with_upstream(&selected)
+            };
+            // Sequences order the Delta transactions of a pipeline's tables: they must only grow.
+            let sequence = (now_ms().max(0) as u64).max(state.last_sequence + 1);
+            state.last_sequence = sequence;
+            let record = RunRecord {
+                id: uuid::Uuid::new_v4().to_string(),
+                pipeline: pipeline.to_string(),
+                pipeline_revision: p.revision,
+                sequence,
+                state: RunState::Queued,
+                full_refresh,
+                tables,
+                created_at_ms: now_ms(),
+                finished_at_ms: 0,
+                error: None,
+                tasks: plan
+                    .iter()
+                    .map(|t| TaskRecord {
+                        table: t.to_string(),
+                        state: TaskState::Pending,
+                        attempts: 0,
+                        manifest: None,
+                        error: None,
+                        started_at_ms: 0,
+                        finished_at_ms: 0,
+                    })
+                    .collect(),
+                trigger: trigger.to_string(),
+                events: Vec::new(),
+            };
+            self.store.save_run(&record)?;
+            state.runs.insert(record.id.clone(), record.clone());
+            record
+        };
+        self.start(record.id.clone(), trigger);
+        Ok(record)
+    }
+
+    fn start(self: &Arc<Self>, run_id: String, trigger: &str) {
+        let (events, _) = broadcast::channel(1024);
+        let cancel = self.shutdown.child_token();
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            run_id.clone(),
+            LiveRun {
+                events,
+                cancel: cancel.clone(),
+            },
+        );
+        let engine = self.clone();
+        let span = tracing::info_span!("run", run = %run_id, trigger);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move { engine.execute(run_id, cancel).await },
+            span,
+        ));
+    }
+
+    pub fn run(&self, id: &str) -> Result<RunRecord> {
+        self.state()
+            .runs
+            .get(id)
+            .cloned()
+            .ok_or_else(|| EngineError::NotFound(format!("no run with id `{id}`")))
+    }
+
+    /// Runs newest first, optionally of one pipeline.
+    pub fn runs(&self, pipeline: &str, limit: usize) -> Vec<RunRecord> {
+        let state = self.state();
+        let mut runs: Vec<RunRecord> = state
+            .runs
+            .values()
+            .filter(|r| pipeline.is_empty() || r.pipeline == pipeline)
+            .cloned()
+            .collect();
+        runs.sort_by(|a, b| {
+            b.created_at_ms
+                .cmp(&a.created_at_ms)
+                .then(b.sequence.cmp(&a.sequence))
+        });
+        runs.truncate(if limit == 0 { 100 } else { limit });
+        runs
+    }
+
+    pub fn cancel(&self, id: &str) -> Result<RunRecord> {
+        let run = self.run(id)?;
+        if !run.state.is_finished() {
+            if let Some(live) = self.live.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+                live.cancel.cancel();
+            }
+        }
+        Ok(run)
+    }
+
+    /// Stored events of a run and, if it is still going, a receiver of the live ones.
+    pub fn watch(
+        &self,
+        id: &str,
+    ) -> Result<(Vec<EventRecord>, Option<broadcast::Receiver<EventRecord>>)> {
+        // Subscribe before reading the record so no event falls between the two.
+        let rx = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|l| l.events.subscribe());
+        let run = self.run(id)?;
+        let rx = if run.state.is_finished() { None } else { rx };
+        Ok((run.events, rx))
+    }
+
+    /// Applies `change` to a run, persists it, and announces `event` (progress is live only).
+    fn record(&self, run_id: &str, event: Option<EventKind>, change: impl FnOnce(&mut RunRecord)) {
+        let announced = {
+            let mut state = self.state();
+            let Some(run) = state.runs.get_mut(run_id) else {
+                return;
+            };
+            change(run);
+            let announced = event.map(|kind| {
+                let seq = run.events.last().map_or(0, |e| e.seq) + 1;
+                let e = EventRecord {
+                    seq,
+                    at_ms: now_ms(),
+                    kind,
+                };
+                if !matches!(e.kind, EventKind::TaskProgress { .. }) {
+                    run.events.push(e.clone());
+                }
+                e
+            });
+            if let Err(e) = self.store.save_run(run) {
+                tracing::error!("cannot persist run {run_id}: {e}");
+            }
+            announced
+        };
+        if let Some(e) = announced {
+            if let Some(live) = self
+                .live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(run_id)
+            {
+                let _ = live.events.send(e);
+            }
+        }
+    }
+
+    fn set_task(
+        &self,
+        run_id: &str,
+        table: &str,
+        event: Option<EventKind>,
+        change: impl FnOnce(&mut TaskRecord),
+    ) {
+        self.record(run_id, event, |run| {
+            if let Some(t) = run.tasks.iter_mut().find(|t| t.table == table) {
+                change(t);
+            }
+        });
+    }
+
+    async fn execute(self: Arc<Self>, run_id: String, cancel: CancellationToken) {
+        let Ok(run) = self.run(&run_id) else { return };
+        let pipeline = match self
+            .pipeline(&run.pipeline)
+            .and_then(|p| Ok((Pipeline::parse(&p.spec_yaml)?, p)))
+        {
+            Ok(p) => p,
+            Err(e) => {
+                self.finish(
+                    &run_id,
+                    RunState::Failed,
+                    Some(format!("pipeline is gone: {e}")),
+                );
+                return;
+            }
+        };
+        let (parsed, record) = pipeline;
+        self.record(&run_id, None, |r| {
+            r.state = RunState::Running;
+            // On resume, unfinished tasks start over; their commits are idempotent per run sequence.
+            for t in &mut r.tasks {
+                if t.state != TaskState::Succeeded {
+                    t.state = TaskState::Pending;
+                }
+            }
+        });
+        for t in &run.tasks {
+            if t.state != TaskState::Succeeded {
+                self.record(
+                    &run_id,
+                    Some(EventKind::TaskQueued {
+                        table: t.table.clone(),
+                    }),
+                    |_| {},
+                );
+            }
+        }
+        let mut states: BTreeMap<String, TaskState> = self
+            .run(&run_id)
+            .map(|r| r.tasks.iter().map(|t| (t.table.clone(), t.state)).collect())
+            .unwrap_or_default();
+        let mut manifests: BTreeMap<String, pb::TaskManifest> = BTreeMap::new();
+        if let Ok(r) = self.run(&run_id) {
+            for t in &r.tasks {
+                if let (TaskState::Succeeded, Some(m)) = (t.state, &t.manifest) {
+                    if let Ok(table) = t.table.parse::<TableRef>() {
+                        manifests.insert(
+                            t.table.clone(),
+                            manifest_to_pb(&to_domain_manifest(&table, m)),
+                        );
+                    }
+                }
+            }
+        }
+        let mut running: JoinSet<(String, TaskOutcome)> = JoinSet::new();
+        loop {
+            // Start every task whose inputs are done; skip those whose inputs failed.
+            let mut progressed = true;
+            while progressed {
+                progressed = false;
+                let pending: Vec<String> = states
+                    .iter()
+                    .filter(|(_, s)| **s == TaskState::Pending)
+                    .map(|(t, _)| t.clone())
+                    .collect();
+                for table in pending {
+                    let Ok(table_ref) = table.parse::<TableRef>() else {
+                        continue;
+                    };
+                    let deps = parsed
+                        .dag
+                        .node(&table_ref)
+                        .map(|n| n.depends_on.clone())
+                        .unwrap_or_default();
+                    let dep_states: Vec<TaskState> = deps
+                        .iter()
+                        .map(|d| {
+                            states
+                                .get(&d.to_string())
+                                .copied()
+                                .unwrap_or(TaskState::Succeeded)
+                        })
+                        .collect();
+                    if dep_states.iter().any(|s| {
+                        matches!(
+                            s,
+                            TaskState::Failed | TaskState::Skipped | TaskState::Cancelled
+                        )
+                    }) {
+                        states.insert(table.clone(), TaskState::Skipped);
+                        self.set_task(&run_id, &table, None, |t| {
+                            t.state = TaskState::Skipped;
+                            t.error = Some("an upstream table failed".into());
+                        });
+                        progressed = true;
+                        continue;
+                    }
+                    if cancel.is_cancelled()
+                        || !dep_states.iter().all(|s| *s == TaskState::Succeeded)
+                    {
+                        continue;
+                    }
+                    let inputs: Vec<pb::TaskManifest> = deps
+                        .iter()
+                        .filter_map(|d| manifests.get(&d.to_string()).cloned())
+                        .collect();
+                    states.insert(table.clone(), TaskState::Running);
+                    let request = pb::RunTaskRequest {
+                        task_id: format!("{run_id}/{table}"),
+                        run_id: run_id.clone(),
+                        pipeline: record.name.clone(),
+                        run_sequence: run.sequence,
+                        spec_yaml: record.spec_yaml.clone(),
+                        base_dir: record.base_dir.clone(),
+                        table: Some(table_to_pb(&table_ref)),
+                        full_refresh: run.full_refresh,
+                        inputs,
+                    };
+                    let policy = parsed.policy(&table_ref);
+                    let engine = self.clone();
+                    let (run_id, cancel) = (run_id.clone(), cancel.clone());
+                    running.spawn(async move {
+                        let outcome = engine
+                            .run_task(&run_id, table_ref.clone(), request, policy, cancel)
+                            .await;
+                        (table_ref.to_string(), outcome)
+                    });
+                    progressed = true;
+                }
+            }
+            let Some(joined) = running.join_next().await else {
+                break;
+            };
+            let Ok((table, outcome)) = joined else {
+                continue;
+            };
+            let state = match outcome {
+                TaskOutcome::Succeeded(m) => {
+                    manifests.insert(table.clone(), m);
+                    TaskState::Succeeded
+                }
+                TaskOutcome::Failed => TaskState::Failed,
+                TaskOutcome::Cancelled => TaskState::Cancelled,
+            };
+            states.insert(table, state);
+        }
+        let final_run = self.run(&run_id).ok();
+        let first_error = final_run
+            .as_ref()
+            .and_then(|r| r.tasks.iter().find(|t| t.state == TaskState::Failed))
+            .map(|t| format!("{}: {}", t.table, t.error.clone().unwrap_or_default()));
+        let (state, error) = if cancel.is_cancelled() && !self.shutdown.is_cancelled() {
+            for (table, s) in &states {
+                if *s == TaskState::Pending {
+                    self.set_task(&run_id, table, None, |t| t.state = TaskState::Cancelled);
+                }
+            }
+            (RunState::Cancelled, Some("cancelled".to_string()))
+        } else if self.shutdown.is_cancelled()
+            && states.values().any(|s| *s != TaskState::Succeeded)
+        {
+            // The coordinator is stopping: leave the run unfinished so the next start resumes it.
+            tracing::info!(run = %run_id, "coordinator stopping; run will resume on restart");
+            return;
+        } else if let Some(e) = first_error {
+            (RunState::Failed, Some(e))
+        } else {
+            (RunState::Succeeded, None)
+        };
+        self.finish(&run_id, state, error);
+    }
+
+    fn finish(&self, run_id: &str, state: RunState, error: Option<String>) {
+        self.record(
+            run_id,
+            Some(EventKind::RunFinished {
+                state,
+                error: error.clone(),
+            }),
+            |r| {
+                r.state = state;
+                r.error = error;
+                r.finished_at_ms = now_ms();
+            },
+        );
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(run_id);
+    }
+
+    /// One task with its retries, backoff and timeout.
+    async fn run_task(
+        &self,
+        run_id: &str,
+        table: TableRef,
+        request: pb::RunTaskRequest,
+        policy: medallion_spec::TaskPolicy,
+        cancel: CancellationToken,
+    ) -> TaskOutcome {
+        let name = table.to_string();
+        let mut backoff = Duration::from_millis(policy.backoff_ms);
+        for attempt in 1..=policy.retries + 1 {
+            self.set_task(
+                run_id,
+                &name,
+                Some(EventKind::TaskStarted {
+                    table: name.clone(),
+                    attempt,
+                }),
+                |t| {
+                    t.state = TaskState::Running;
+                    t.attempts = attempt;
+                    t.started_at_ms = now_ms();
+                },
+            );
+            let call = self.call_stage(run_id, &table, request.clone(), &cancel);
+            let result = tokio::select! {
+                r = tokio::time::timeout(Duration::from_secs(policy.timeout_secs), call) => match r {
+                    Ok(r) => r,
+                    Err(_) => Err(tonic::Status::deadline_exceeded(format!("task timed out after {}s", policy.timeout_secs))),
+                },
+                _ = cancel.cancelled() => Err(tonic::Status::cancelled("run cancelled")),
+            };
+            match result {
+                Ok(manifest) => {
+                    let record = manifest_record(&manifest);
+                    let event = EventKind::TaskCommitted {
+                        table: name.clone(),
+                        committed: manifest.committed,
+                        version: manifest.version,
+                        rows_written: manifest.rows_written,
+                        bytes_written: manifest.bytes_written,
+                        table_rows: manifest.table_rows,
+                    };
+                    self.set_task(run_id, &name, Some(event), |t| {
+                        t.state = TaskState::Succeeded;
+                        t.manifest = Some(record);
+                        t.error = None;
+                        t.finished_at_ms = now_ms();
+                    });
+                    return TaskOutcome::Succeeded(manifest);
+                }
+                Err(status) if cancel.is_cancelled() => {
+                    let task_id = request.task_id.clone();
+                    let mut client = StageServiceClient::new(self.endpoints.for_layer(table.layer));
+                    let _ = client.cancel_task(pb::CancelTaskRequest { task_id }).await;
+                    self.set_task(run_id, &name, None, |t| {
+                        t.state = TaskState::Cancelled;
+                        t.error = Some(status.message().to_string());
+                        t.finished_at_ms = now_ms();
+                    });
+                    return TaskOutcome::Cancelled;
+                }
+                Err(status) => {
+                    let retryable = !matches!(
+                        status.code(),
+                        Code::InvalidArgument
+                            | Code::FailedPrecondition
+                            | Code::NotFound
+                            | Code::Unimplemented
+                    );
+                    let will_retry = retryable && attempt <= policy.retries;
+                    let error = status.message().to_string();
+                    let event = EventKind::TaskFailed {
+                        table: name.clone(),
+                        attempt,
+                        error: error.clone(),
+                        will_retry,
+                    };
+                    self.set_task(run_id, &name, Some(event), |t| {
+                        t.error = Some(error.clone());
+                        if !will_retry {
+                            t.state = TaskState::Failed;
+                            t.finished_at_ms = now_ms();
+                        }
+                    });
+                    if !will_retry {
+                        return TaskOutcome::Failed;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {},
+                        _ = cancel.cancelled() => {
+                            self.set_task(run_id, &name, None, |t| t.state = TaskState::Cancelled);
+                            return TaskOutcome::Cancelled;
+                        }
+                    }
+                    backoff = (backoff * 2).min(Duration::from_millis(policy.max_backoff_ms));
+                }
+            }
+        }
+        TaskOutcome::Failed
+    }
+
+    /// Calls the layer service and relays its progress until the manifest arrives.
+    async fn call_stage(
+        &self,
+        run_id: &str,
+        table: &TableRef,
+        request: pb::RunTaskRequest,
+        cancel: &CancellationToken,
+    ) -> Result<pb::TaskManifest, tonic::Status> {
+        let name = table.to_string();
+        let mut client = StageServiceClient::new(self.endpoints.for_layer(table.layer))
+            .max_decoding_message_size(64 * 1024 * 1024);
+        let mut stream = client.run_task(request).await?.into_inner();
+        loop {
+            let message = tokio::select! {
+                m = stream.message() => m?,
+                _ = cancel.cancelled() => return Err(tonic::Status::cancelled("run cancelled")),
+            };
+            let Some(update) = message else {
+                return Err(tonic::Status::unavailable(format!(
+                    "{name}: the layer service ended the task without a manifest"
+                )));
+            };
+            match update.update {
+                Some(pb::task_update::Update::Progress(p)) => {
+                    let kind = EventKind::TaskProgress {
+                        table: name.clone(),
+                        phase: p.phase,
+                        rows: p.rows,
+                        bytes: p.bytes,
+                    };
+                    self.record(run_id, Some(kind), |_| {});
+                }
+                Some(pb::task_update::Update::Expectation(e)) => {
+                    let kind = EventKind::Expectation {
+                        table: name.clone(),
+                        name: e.name,
+                        action: action_name(e.action).to_string(),
+                        failed_rows: e.failed_rows,
+                        checked_rows: e.checked_rows,
+                    };
+                    self.record(run_id, Some(kind), |_| {});
+                }
+                Some(pb::task_update::Update::Manifest(m)) => return Ok(m),
+                None => {}
+            }
+        }
+    }
+}
+
+fn active_run(state: &State, pipeline: &str) -> Option<String> {
+    state
+        .runs
+        .values()
+        .find(|r| r.pipeline == pipeline && !r.state.is_finished())
+        .map(|r| r.id.clone())
+}
+
+pub fn action_name(action: i32) -> &'static str {
+    match pb::ExpectationAction::try_from(action) {
+        Ok(pb::ExpectationAction::Drop) => "drop",
+        Ok(pb::ExpectationAction::Quarantine) => "quarantine",
+        Ok(pb::ExpectationAction::Fail) => "fail",
+        _ => "warn",
+    }
+}
+
+fn manifest_record(m: &pb::TaskManifest) -> ManifestRecord {
+    ManifestRecord {
+        committed: m.committed,
+        version: m.version,
+        tickets: m
+            .tickets
+            .iter()
+            .map(|t| String::from_utf8_lossy(t).into_owned())
+            .collect(),
+        rows_written: m.rows_written,
+        bytes_written: m.bytes_written,
+        table_rows: m.table_rows,
+        quarantined_rows: m.quarantined_rows,
+        source_files: m.source_files.clone(),
+        input_versions: m.input_versions.clone().into_iter().collect(),
+        expectations: m
+            .expectations
+            .iter()
+            .map(|e| ExpectationRecord {
+                name: e.name.clone(),
+                action: action_name(e.action).to_string(),
+                failed_rows: e.failed_rows,
+                checked_rows: e.checked_rows,
+            })
+            .collect(),
+    }
+}
+
+/// The stage-API manifest a stored task record stands for (tickets are JSON text).
+pub fn to_domain_manifest(table: &TableRef, m: &ManifestRecord) -> medallion_stage::Manifest {
+    medallion_stage::Manifest {
+        table: Some(table.clone()),
+        committed: m.committed,
+        version: m.version,
+        tickets: m
+            .tickets
+            .iter()
+            .filter_map(|t| medallion_flight::TableTicket::decode(t.as_bytes()).ok())
+            .collect(),
+        rows_written: m.rows_written,
+        bytes_written: m.bytes_written,
+        table_rows: m.table_rows,
+        expectations: Vec::new(),
+        quarantined_rows: m.quarantined_rows,
+        source_files: m.source_files.clone(),
+        input_versions: m.input_versions.clone(),
+    }
+}

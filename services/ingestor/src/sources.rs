@@ -1,0 +1,308 @@
+//! Finding a source's files and reading one into Arrow batches, as read (CSV as strings
+//! unless type inference is asked for). Reading is blocking work: it runs on the blocking
+//! pool and hands batches over a bounded channel, so memory stays bounded by a few batches.
+
+use std::{
+    fs::File,
+    io::{BufRead, BufReader, Read, Seek},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::SystemTime,
+};
+
+use arrow::{
+    datatypes::{DataType, Field, Schema, SchemaRef},
+    record_batch::RecordBatch,
+};
+use medallion_spec::{SourceFormat, SourceSpec};
+use tokio::sync::mpsc;
+
+/// Rows per batch read from a source file.
+pub const BATCH_ROWS: usize = 64 * 1024;
+
+/// A source file and the identity bronze remembers it by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceFile {
+    pub path: PathBuf,
+    pub size: u64,
+    /// Modification time, microseconds since the epoch.
+    pub modified_us: i64,
+}
+
+impl SourceFile {
+    pub fn display(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+/// Lists the files of a source: one file, every file of a folder, or a glob; sorted by path.
+pub fn list_files(source: &SourceSpec, base_dir: &str) -> Result<Vec<SourceFile>, String> {
+    let base = if base_dir.is_empty() {
+        PathBuf::from(".")
+    } else {
+        PathBuf::from(base_dir)
+    };
+    let pattern = base.join(&source.path);
+    let pattern_str = pattern.to_string_lossy().to_string();
+    let mut paths: Vec<PathBuf> = Vec::new();
+    if pattern_str.contains(['*', '?', '[']) {
+        let entries = glob::glob(&pattern_str)
+            .map_err(|e| format!("source `{}`: bad glob `{}`: {e}", source.name, source.path))?;
+        for entry in entries {
+            let path = entry.map_err(|e| format!("source `{}`: {e}", source.name))?;
+            if path.is_file() {
+                paths.push(path);
+            }
+        }
+    } else if pattern.is_dir() {
+        let entries = std::fs::read_dir(&pattern).map_err(|e| {
+            format!(
+                "source `{}`: cannot list {}: {e}",
+                source.name,
+                pattern.display()
+            )
+        })?;
+        for entry in entries {
+            let entry = entry.map_err(|e| {
+                format!(
+                    "source `{}`: cannot list {}: {e}",
+                    source.name,
+                    pattern.display()
+                )
+            })?;
+            let path = entry.path();
+            let hidden = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.') || n.starts_with('_'));
+            if path.is_file() && !hidden {
+                paths.push(path);
+            }
+        }
+    } else if pattern.is_file() {
+        paths.push(pattern.clone());
+    } else {
+        return Err(format!(
+            "source `{}`: {} does not exist",
+            source.name,
+            pattern.display()
+        ));
+    }
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|path| {
+            let meta = std::fs::metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let modified_us = meta
+                .modified()
+                .ok()
+                .and_then(|m| m.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_micros() as i64);
+            let path = std::fs::canonicalize(&path).unwrap_or(path);
+            Ok(SourceFile {
+                path,
+                size: meta.len(),
+                modified_us,
+            })
+        })
+        .collect()
+}
+
+/// Reads one file on the blocking pool, sending its schema then its batches; errors name the file.
+pub fn spawn_reader(
+    source: SourceSpec,
+    file: SourceFile,
+) -> (
+    mpsc::Receiver<Result<RecordBatch, String>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = mpsc::channel(4);
+    let handle = tokio::task::spawn_blocking(move || {
+        let name = file.display();
+        let result = read_file(&source, &file.path, &tx);
+        if let Err(e) = result {
+            let _ = tx.blocking_send(Err(format!("{name}: {e}")));
+        }
+    });
+    (rx, handle)
+}
+
+type Sender = mpsc::Sender<Result<RecordBatch, String>>;
+
+fn send(tx: &Sender, batch: RecordBatch) -> Result<(), String> {
+    tx.blocking_send(Ok(batch))
+        .map_err(|_| "reader cancelled".to_string())
+}
+
+fn read_file(source: &SourceSpec, path: &Path, tx: &Sender) -> Result<(), String> {
+    let file = File::open(path).map_err(|e| e.to_string())?;
+    match source.format {
+        SourceFormat::Csv => read_csv(source, file, tx),
+        SourceFormat::Ndjson => read_ndjson(BufReader::new(file), tx),
+        SourceFormat::Json => read_json_array(file, tx),
+        SourceFormat::Parquet => read_parquet(file, tx),
+    }
+}
+
+fn ascii(c: char, what: &str) -> Result<u8, String> {
+    u8::try_from(c)
+        .ok()
+        .filter(u8::is_ascii)
+        .ok_or_else(|| format!("{what} `{c}` must be one ASCII character"))
+}
+
+fn read_csv(source: &SourceSpec, mut file: File, tx: &Sender) -> Result<(), String> {
+    let o = &source.options;
+    let delimiter = ascii(o.delimiter, "delimiter")?;
+    let quote = ascii(o.quote, "quote")?;
+    check_quotes_terminated(&mut file, quote)?;
+    let mut format = arrow::csv::reader::Format::default()
+        .with_header(o.header)
+        .with_delimiter(delimiter)
+        .with_quote(quote);
+    let sample = if source.infer_types {
+        Some(10_000)
+    } else {
+        Some(1)
+    };
+    let (inferred, _) = format
+        .clone()
+        .infer_schema(&mut file, sample)
+        .map_err(|e| e.to_string())?;
+    file.rewind().map_err(|e| e.to_string())?;
+    let names: Vec<String> = match (&source.columns, o.header) {
+        (Some(cols), false) => {
+            if cols.len() != inferred.fields().len() {
+                return Err(format!(
+                    "line 1: {} fields, but the spec declares {} columns",
+                    inferred.fields().len(),
+                    cols.len()
+                ));
+            }
+            cols.clone()
+        }
+        (Some(cols), true) => {
+            let header: Vec<String> = inferred.fields().iter().map(|f| f.name().clone()).collect();
+            if &header != cols {
+                return Err(format!(
+                    "line 1: header {header:?} differs from the spec's columns {cols:?}"
+                ));
+            }
+            header
+        }
+        (None, _) => inferred.fields().iter().map(|f| f.name().clone()).collect(),
+    };
+    let fields: Vec<Field> = inferred
+        .fields()
+        .iter()
+        .zip(names)
+        .map(|(f, name)| {
+            // As read: strings, like Auto Loader; typed only when inference is asked for.
+            let data_type = if source.infer_types {
+                f.data_type().clone()
+            } else {
+                DataType::Utf8
+            };
+            Field::new(name, data_type, true)
+        })
+        .collect();
+    let schema: SchemaRef = Arc::new(Schema::new(fields));
+    if !o.null_values.is_empty() {
+        let alternatives: Vec<String> = o.null_values.iter().map(|v| regex::escape(v)).collect();
+        let null_regex = regex::Regex::new(&format!("^(?:{})$", alternatives.join("|")))
+            .map_err(|e| e.to_string())?;
+        format = format.with_null_regex(null_regex);
+    }
+    let reader = arrow::csv::ReaderBuilder::new(schema)
+        .with_format(format)
+        .with_batch_size(BATCH_ROWS)
+        .build_buffered(BufReader::with_capacity(1 << 20, file))
+        .map_err(|e| e.to_string())?;
+    for batch in reader {
+        let batch = batch.map_err(|e| e.to_string().replace("Csv error: ", ""))?;
+        send(tx, batch)?;
+    }
+    Ok(())
+}
+
+/// An opening quote never closed swallows the rest of the file into one field; name its line.
+fn check_quotes_terminated(file: &mut File, quote: u8) -> Result<(), String> {
+    let mut reader = BufReader::with_capacity(1 << 20, &mut *file);
+    let (mut in_quotes, mut line, mut opened_at) = (false, 1u64, 0u64);
+    loop {
+        let buf = reader.fill_buf().map_err(|e| e.to_string())?;
+        if buf.is_empty() {
+            break;
+        }
+        for &b in buf {
+            if b == quote {
+                if !in_quotes {
+                    opened_at = line;
+                }
+                in_quotes = !in_quotes;
+            } else if b == b'\n' {
+                line += 1;
+            }
+        }
+        let n = buf.len();
+        reader.consume(n);
+    }
+    drop(reader);
+    file.rewind().map_err(|e| e.to_string())?;
+    if in_quotes {
+        return Err(format!(
+            "line {opened_at}: unterminated quoted field (a {} opened here is never closed)",
+            quote as char
+        ));
+    }
+    Ok(())
+}
+
+fn read_ndjson<R: BufRead + Seek>(mut reader: R, tx: &Sender) -> Result<(), String> {
+    let (schema, _) =
+        arrow::json::reader::infer_json_schema_from_seekable(&mut reader, Some(10_000))
+            .map_err(|e| e.to_string())?;
+    let reader = arrow::json::ReaderBuilder::new(Arc::new(schema))
+        .with_batch_size(BATCH_ROWS)
+        .build(reader)
+        .map_err(|e| e.to_string())?;
+    for batch in reader {
+        send(tx, batch.map_err(|e| e.to_string())?)?;
+    }
+    Ok(())
+}
+
+/// A JSON document holding an array of records (or one record): rewritten as NDJSON in memory.
+fn read_json_array(mut file: File, tx: &Sender) -> Result<(), String> {
+    let mut text = String::new();
+    file.read_to_string(&mut text)
+        .map_err(|e| format!("not UTF-8 text: {e}"))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("line {} column {}: invalid JSON: {e}", e.line(), e.column()))?;
+    let records = match value {
+        serde_json::Value::Array(items) => items,
+        obj @ serde_json::Value::Object(_) => vec![obj],
+        _ => return Err("expected a JSON array of objects".into()),
+    };
+    let mut lines = Vec::with_capacity(text.len());
+    for (i, record) in records.iter().enumerate() {
+        if !record.is_object() {
+            return Err(format!("record {i} is not a JSON object"));
+        }
+        serde_json::to_writer(&mut lines, record).map_err(|e| e.to_string())?;
+        lines.push(b'\n');
+    }
+    read_ndjson(std::io::Cursor::new(lines), tx)
+}
+
+fn read_parquet(file: File, tx: &Sender) -> Result<(), String> {
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| e.to_string())?
+        .with_batch_size(BATCH_ROWS)
+        .build()
+        .map_err(|e| e.to_string())?;
+    for batch in reader {
+        send(tx, batch.map_err(|e| e.to_string())?)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,17 @@
+use clap::Parser;
+
+/// Medallion refiner: the silver layer service.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(flatten)]
+    config: medallion_refiner::Config,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    medallion_server::init_logging();
+    let cli = Cli::parse();
+    let shutdown = medallion_server::shutdown_on_signals();
+    medallion_refiner::run(cli.config, shutdown).await
+}

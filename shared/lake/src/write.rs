@@ -1,0 +1,363 @@
+//! Streaming writes that land in one idempotent Delta commit.
+
+use std::collections::{BTreeMap, HashMap};
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use deltalake::kernel::transaction::{
+    CommitBuilder, CommitProperties, TableReference, TransactionError,
+};
+use deltalake::kernel::{Action, Add, MetadataExt as _, StructType, Transaction};
+use deltalake::operations::create::CreateBuilder;
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::writer::{DeltaWriter as _, RecordBatchWriter};
+use deltalake::{DeltaTableError, Path};
+use futures::StreamExt as _;
+use tracing::{info, warn};
+
+use crate::{Ctx, Error, Lake, Result, TARGET_FILE_SIZE, version_i64};
+
+/// How a commit relates to the table's current content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMode {
+    /// Add the new files; the schema must match the table's.
+    Append,
+    /// Replace every file of the current version (and the schema, if it changed).
+    Overwrite,
+}
+
+/// What one commit records besides its data.
+#[derive(Debug, Clone)]
+pub struct CommitSpec {
+    /// Append or overwrite.
+    pub mode: WriteMode,
+    /// Application id for the Delta transaction action (e.g. the task's stable id).
+    pub app_id: String,
+    /// Monotonic version for `app_id`; a commit is skipped if the table already has >= this.
+    pub txn_version: i64,
+    /// Extra fields for the commitInfo action (e.g. `run_id`, `pipeline`).
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The result of [`TableWriter::commit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// A new table version was committed.
+    Committed {
+        /// The new version.
+        version: i64,
+        /// Rows written.
+        rows: i64,
+        /// Parquet bytes written.
+        bytes: i64,
+        /// Data files written.
+        files: usize,
+    },
+    /// The table already had this app transaction; nothing was committed.
+    AlreadyCommitted {
+        /// The table's current version.
+        version: i64,
+    },
+}
+
+/// Streams batches into parquet files of one table and commits them once.
+///
+/// Dropping it without [`commit`](Self::commit) leaves the table unchanged; files already
+/// finished are unreferenced orphans.
+pub struct TableWriter {
+    lake: Lake,
+    ctx: Ctx,
+    schema: SchemaRef,
+    inner: RecordBatchWriter,
+    adds: Vec<Add>,
+    rows: i64,
+}
+
+impl std::fmt::Debug for TableWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TableWriter")
+            .field("layer", &self.ctx.layer)
+            .field("table", &self.ctx.table)
+            .field("files", &self.adds.len())
+            .field("rows", &self.rows)
+            .finish()
+    }
+}
+
+impl TableWriter {
+    pub(crate) fn new(lake: Lake, ctx: Ctx, schema: SchemaRef) -> Result<TableWriter> {
+        // Fail early on types Delta cannot store.
+        ctx.kernel_schema(&schema)?;
+        let url = lake.table_url(ctx.layer, &ctx.table);
+        let inner = RecordBatchWriter::try_new(
+            url.as_str(),
+            schema,
+            None,
+            Some((*lake.storage_options).clone()),
+        )
+        .map_err(ctx.delta("open writer"))?
+        .with_target_file_size(TARGET_FILE_SIZE);
+        // The writer normalises some types (e.g. ms timestamps to us); commit its schema.
+        let schema = inner.arrow_schema();
+        Ok(TableWriter {
+            lake,
+            ctx,
+            schema,
+            inner,
+            adds: Vec::new(),
+            rows: 0,
+        })
+    }
+
+    /// The schema the data files are written with (the input schema, Delta-normalised).
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    /// Streams one batch into the current parquet file (rolling at [`TARGET_FILE_SIZE`]).
+    pub async fn write(&mut self, batch: RecordBatch) -> Result<()> {
+        let rows = batch.num_rows();
+        if rows == 0 {
+            return Ok(());
+        }
+        self.inner
+            .write(batch)
+            .await
+            .map_err(self.ctx.delta("write batch"))?;
+        self.rows += i64::try_from(rows).unwrap_or(i64::MAX);
+        Ok(())
+    }
+
+    /// Closes the files written since the last part and tags their Add actions with `tags`
+    /// (e.g. which source file they came from).
+    pub async fn finish_part(&mut self, tags: BTreeMap<String, String>) -> Result<()> {
+        let mut adds = self
+            .inner
+            .flush()
+            .await
+            .map_err(self.ctx.delta("finish data files"))?;
+        if !tags.is_empty() {
+            let tags: HashMap<String, Option<String>> =
+                tags.into_iter().map(|(k, v)| (k, Some(v))).collect();
+            for add in &mut adds {
+                add.tags = Some(tags.clone());
+            }
+        }
+        self.adds.extend(adds);
+        Ok(())
+    }
+
+    /// Finishes the open part (untagged) and makes everything visible in one Delta commit,
+    /// unless the table already holds `app_id` at `txn_version` or later.
+    pub async fn commit(mut self, spec: CommitSpec) -> Result<CommitOutcome> {
+        self.finish_part(BTreeMap::new()).await?;
+        let ctx = self.ctx.clone();
+        let write_schema = ctx.kernel_schema(&self.schema)?;
+        let mut delta = self.lake.delta_table(&ctx)?;
+        let exists = delta
+            .verify_deltatable_existence()
+            .await
+            .map_err(ctx.delta("check table exists"))?;
+
+        let properties = CommitProperties::default()
+            .with_metadata(spec.metadata.clone())
+            .with_application_transaction(Transaction::new_with_last_update(
+                &spec.app_id,
+                spec.txn_version,
+                Some(chrono::Utc::now().timestamp_millis()),
+            ));
+        let data: Vec<Action> = self.adds.iter().cloned().map(Action::Add).collect();
+
+        let mut created = None;
+        if !exists {
+            // Protocol, metadata, data and the app transaction all land in version 0.
+            let result = CreateBuilder::new()
+                .with_log_store(delta.log_store())
+                .with_table_name(ctx.table.clone())
+                .with_columns(write_schema.fields().cloned())
+                .with_save_mode(SaveMode::ErrorIfExists)
+                .with_actions(data.clone())
+                // No retries: on losing a race for version 0, deltalake 1.1.3 would re-read the
+                // winner's version as its base and commit on top of it without any conflict
+                // check (duplicating data). Failing lets us re-check the app transaction below.
+                .with_commit_properties(properties.clone().with_max_retries(0))
+                .await;
+            match result {
+                Ok(table) => created = Some(table.version().unwrap_or(0)),
+                // Someone (perhaps this very task, retried) created the table meanwhile:
+                // fall through to the existing-table path, which checks the app transaction.
+                Err(e)
+                    if delta
+                        .verify_deltatable_existence()
+                        .await
+                        .map_err(ctx.delta("check table exists"))? =>
+                {
+                    warn!(layer = %ctx.layer, table = %ctx.table, error = %e,
+                        "table created concurrently; committing against it");
+                }
+                Err(e) => return Err(ctx.delta("create table")(e)),
+            }
+        }
+        let version = if let Some(version) = created {
+            version
+        } else {
+            delta.load().await.map_err(ctx.delta("load"))?;
+            let log_store = delta.log_store();
+            let state = delta.snapshot().map_err(ctx.delta("read snapshot"))?;
+            let current = version_i64(state.version());
+            let committed = state
+                .transaction_version(log_store.as_ref(), &spec.app_id)
+                .await
+                .map_err(ctx.delta("read app transaction"))?;
+            if committed.is_some_and(|v| v >= spec.txn_version) {
+                info!(
+                    layer = %ctx.layer, table = %ctx.table, app_id = %spec.app_id,
+                    txn_version = spec.txn_version, version = current,
+                    "already committed; discarding written files"
+                );
+                self.discard_files().await;
+                return Ok(CommitOutcome::AlreadyCommitted { version: current });
+            }
+
+            let table_schema = state.schema();
+            let mut actions = data;
+            let save_mode = match spec.mode {
+                WriteMode::Append => {
+                    if !append_compatible(&table_schema, &write_schema) {
+                        return Err(Error::SchemaMismatch {
+                            layer: ctx.layer,
+                            table: ctx.table.clone(),
+                            table_schema: render(&table_schema),
+                            write_schema: render(&write_schema),
+                        });
+                    }
+                    SaveMode::Append
+                }
+                WriteMode::Overwrite => {
+                    if *table_schema != write_schema {
+                        let metadata = state
+                            .metadata()
+                            .clone()
+                            .with_schema(&write_schema)
+                            .map_err(|e| ctx.delta("replace schema")(e.into()))?;
+                        actions.push(Action::Metadata(metadata));
+                    }
+                    let live = state
+                        .snapshot()
+                        .try_log_data()
+                        .map_err(ctx.delta("list files"))?;
+                    actions.extend(live.iter().map(|f| Action::Remove(f.remove_action(true))));
+                    SaveMode::Overwrite
+                }
+            };
+            let operation = DeltaOperation::Write {
+                mode: save_mode,
+                partition_by: None,
+                predicate: None,
+            };
+            let result = CommitBuilder::from(properties)
+                .with_actions(actions)
+                .build(Some(state as &dyn TableReference), log_store, operation)
+                .await;
+            match result {
+                Ok(finalized) => finalized.version(),
+                Err(e) => {
+                    // A conflict means our commit did not land (so our files are unused); if
+                    // the winner was this same task, that is an idempotent success.
+                    if matches!(
+                        e,
+                        DeltaTableError::Transaction {
+                            source: TransactionError::CommitConflict(_)
+                        }
+                    ) && let Some(current) = self.committed_version(&spec).await?
+                    {
+                        self.discard_files().await;
+                        return Ok(CommitOutcome::AlreadyCommitted { version: current });
+                    }
+                    return Err(ctx.delta("commit")(e));
+                }
+            }
+        };
+
+        let version = version_i64(version);
+        let bytes = self.adds.iter().map(|a| a.size).sum();
+        info!(
+            layer = %ctx.layer, table = %ctx.table, version, rows = self.rows, bytes,
+            files = self.adds.len(), mode = ?spec.mode, app_id = %spec.app_id,
+            txn_version = spec.txn_version, "committed"
+        );
+        Ok(CommitOutcome::Committed {
+            version,
+            rows: self.rows,
+            bytes,
+            files: self.adds.len(),
+        })
+    }
+
+    /// The table's current version if it already holds `spec`'s app transaction.
+    // `&mut self`: the writer is Send but not Sync, and this future must stay Send.
+    async fn committed_version(&mut self, spec: &CommitSpec) -> Result<Option<i64>> {
+        let ctx = &self.ctx;
+        let mut delta = self.lake.delta_table(ctx)?;
+        delta.load().await.map_err(ctx.delta("load"))?;
+        let state = delta.snapshot().map_err(ctx.delta("read snapshot"))?;
+        let committed = state
+            .transaction_version(delta.log_store().as_ref(), &spec.app_id)
+            .await
+            .map_err(ctx.delta("read app transaction"))?;
+        Ok(committed
+            .is_some_and(|v| v >= spec.txn_version)
+            .then(|| version_i64(state.version())))
+    }
+
+    /// Best-effort removal of this writer's files after a skipped commit.
+    async fn discard_files(&mut self) {
+        let store = match self.lake.delta_table(&self.ctx) {
+            Ok(delta) => delta.object_store(),
+            Err(e) => {
+                warn!(error = %e, "cannot reach table to delete unused data files");
+                return;
+            }
+        };
+        let paths: Vec<deltalake::logstore::object_store::Result<Path>> = self
+            .adds
+            .drain(..)
+            .map(|a| Ok(Path::parse(&a.path).unwrap_or_else(|_| Path::from(a.path.as_str()))))
+            .collect();
+        let mut deleted = store.delete_stream(futures::stream::iter(paths).boxed());
+        while let Some(result) = deleted.next().await {
+            if let Err(e) = result {
+                warn!(
+                    layer = %self.ctx.layer, table = %self.ctx.table, error = %e,
+                    "could not delete unused data file (it stays an orphan)"
+                );
+            }
+        }
+    }
+}
+
+/// Append is allowed when every written column exists in the table with the same type,
+/// and a non-nullable table column is not fed from a nullable one.
+fn append_compatible(table: &StructType, write: &StructType) -> bool {
+    table.fields().len() == write.fields().len()
+        && write.fields().all(|w| {
+            table.field(w.name()).is_some_and(|t| {
+                t.data_type() == w.data_type() && (t.is_nullable() || !w.is_nullable())
+            })
+        })
+}
+
+fn render(schema: &StructType) -> String {
+    schema
+        .fields()
+        .map(|f| {
+            format!(
+                "{}: {}{}",
+                f.name(),
+                f.data_type(),
+                if f.is_nullable() { "" } else { " not null" }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
