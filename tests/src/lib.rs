@@ -1,1 +1,466 @@
+//! Test support: a Medallion cluster of the four real service binaries on loopback ports,
+//! each test with its own lake, state and ports; plus an independent TPC-H reference.
 
+pub mod reference;
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use arrow::record_batch::RecordBatch;
+use arrow_flight::{FlightClient, FlightDescriptor};
+use futures::TryStreamExt;
+use medallion_proto::v1::{self as pb, pipeline_service_client::PipelineServiceClient};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+/// The folder holding the workspace's binaries (next to this test executable's `deps/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile folder")
+        .to_path_buf();
+    for bin in [
+        "medallion",
+        "medallion-coordinator",
+        "medallion-ingestor",
+        "medallion-refiner",
+        "medallion-aggregator",
+    ] {
+        assert!(
+            dir.join(bin).exists(),
+            "{bin} is not built in {}; run `cargo build --workspace --bins` before the tests (tests/run.sh does)",
+            dir.display()
+        );
+    }
+    dir
+}
+
+/// The workspace root (for examples/).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// A PostgreSQL URL for warehouse tests (`MEDALLION_TEST_PG_URL`, default the local test database).
+pub fn postgres_url() -> String {
+    std::env::var("MEDALLION_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    Coordinator,
+    Ingestor,
+    Refiner,
+    Aggregator,
+}
+
+impl Service {
+    fn binary(self) -> &'static str {
+        match self {
+            Service::Coordinator => "medallion-coordinator",
+            Service::Ingestor => "medallion-ingestor",
+            Service::Refiner => "medallion-refiner",
+            Service::Aggregator => "medallion-aggregator",
+        }
+    }
+}
+
+/// Four service processes sharing one lake in a temporary folder.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    ports: [u16; 4],
+    children: Vec<(Service, Child)>,
+    warehouse: Option<String>,
+}
+
+impl Cluster {
+    pub async fn start(warehouse: Option<String>) -> anyhow::Result<Cluster> {
+        let dir = tempfile::tempdir()?;
+        std::fs::create_dir_all(dir.path().join("logs"))?;
+        let mut cluster = Cluster {
+            dir,
+            ports: [free_port(), free_port(), free_port(), free_port()],
+            children: Vec::new(),
+            warehouse,
+        };
+        for s in [
+            Service::Ingestor,
+            Service::Refiner,
+            Service::Aggregator,
+            Service::Coordinator,
+        ] {
+            cluster.spawn(s)?;
+        }
+        for s in [
+            Service::Ingestor,
+            Service::Refiner,
+            Service::Aggregator,
+            Service::Coordinator,
+        ] {
+            cluster.wait_healthy(s).await?;
+        }
+        Ok(cluster)
+    }
+
+    pub fn lake_dir(&self) -> PathBuf {
+        self.dir.path().join("lake")
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("work")
+    }
+
+    fn port(&self, s: Service) -> u16 {
+        self.ports[s as usize]
+    }
+
+    pub fn url(&self, s: Service) -> String {
+        format!("http://127.0.0.1:{}", self.port(s))
+    }
+
+    fn spawn(&mut self, s: Service) -> anyhow::Result<()> {
+        let listen = format!("127.0.0.1:{}", self.port(s));
+        let lake = self.lake_dir().display().to_string();
+        let args: Vec<String> = match s {
+            Service::Ingestor => vec!["--listen".into(), listen, "--lake".into(), lake],
+            Service::Refiner => vec![
+                "--listen".into(),
+                listen,
+                "--lake".into(),
+                lake,
+                "--bronze-flight".into(),
+                self.url(Service::Ingestor),
+            ],
+            Service::Aggregator => vec![
+                "--listen".into(),
+                listen,
+                "--lake".into(),
+                lake,
+                "--silver-flight".into(),
+                self.url(Service::Refiner),
+            ],
+            Service::Coordinator => vec![
+                "--listen".into(),
+                listen,
+                "--state-dir".into(),
+                self.dir.path().join("state").display().to_string(),
+                "--ingestor".into(),
+                self.url(Service::Ingestor),
+                "--refiner".into(),
+                self.url(Service::Refiner),
+                "--aggregator".into(),
+                self.url(Service::Aggregator),
+            ],
+        };
+        let log_path = self
+            .dir
+            .path()
+            .join("logs")
+            .join(format!("{}.log", s.binary()));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let mut cmd = Command::new(bin_dir().join(s.binary()));
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true);
+        cmd.env_remove("MEDALLION_WAREHOUSE_URL");
+        if let (Service::Aggregator, Some(w)) = (s, &self.warehouse) {
+            cmd.env("MEDALLION_WAREHOUSE_URL", w);
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", s.binary()))?;
+        self.children.push((s, child));
+        Ok(())
+    }
+
+    /// Polls gRPC health until the service reports SERVING.
+    pub async fn wait_healthy(&self, s: Service) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let check = async {
+                let channel = Channel::from_shared(self.url(s))?.connect().await?;
+                let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+                let status = health
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await?
+                    .into_inner()
+                    .status;
+                anyhow::Ok(
+                    status
+                        == tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+                )
+            };
+            if let Ok(true) = check.await {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{} not healthy; log:\n{}", s.binary(), self.log(s));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn log(&self, s: Service) -> String {
+        std::fs::read_to_string(
+            self.dir
+                .path()
+                .join("logs")
+                .join(format!("{}.log", s.binary())),
+        )
+        .unwrap_or_default()
+    }
+
+    /// SIGKILL: no clean shutdown, as in a crash.
+    pub async fn kill(&mut self, s: Service) {
+        for (_, child) in self.children.iter_mut().filter(|(svc, _)| *svc == s) {
+            let _ = child.kill().await;
+        }
+        self.children.retain(|(svc, _)| *svc != s);
+    }
+
+    pub async fn restart(&mut self, s: Service) -> anyhow::Result<()> {
+        self.spawn(s)?;
+        self.wait_healthy(s).await
+    }
+
+    pub async fn client(&self) -> anyhow::Result<PipelineServiceClient<Channel>> {
+        let channel = Channel::from_shared(self.url(Service::Coordinator))?
+            .connect()
+            .await?;
+        Ok(PipelineServiceClient::new(channel))
+    }
+
+    /// Applies a spec whose relative source paths resolve against [`Cluster::data_dir`].
+    pub async fn apply(&self, spec_yaml: &str) -> Result<pb::Pipeline, tonic::Status> {
+        let mut client = self
+            .client()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        client
+            .apply_pipeline(pb::ApplyPipelineRequest {
+                spec_yaml: spec_yaml.to_string(),
+                base_dir: self.data_dir().display().to_string(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Triggers a run and follows it to the end: the final run and every event seen.
+    pub async fn run(
+        &self,
+        pipeline: &str,
+        full_refresh: bool,
+    ) -> anyhow::Result<(pb::Run, Vec<pb::RunEvent>)> {
+        let mut client = self.client().await?;
+        let run = client
+            .trigger_run(pb::TriggerRunRequest {
+                pipeline: pipeline.into(),
+                full_refresh,
+                tables: vec![],
+            })
+            .await?
+            .into_inner();
+        self.follow(&run.id).await
+    }
+
+    pub async fn follow(&self, run_id: &str) -> anyhow::Result<(pb::Run, Vec<pb::RunEvent>)> {
+        let mut client = self.client().await?;
+        let mut stream = client
+            .watch_run(pb::WatchRunRequest {
+                run_id: run_id.into(),
+            })
+            .await?
+            .into_inner();
+        let mut events = Vec::new();
+        let deadline = Duration::from_secs(600);
+        loop {
+            let next = tokio::time::timeout(deadline, stream.message())
+                .await
+                .context("run did not finish in time")??;
+            let Some(e) = next else { break };
+            let done = matches!(e.event, Some(pb::run_event::Event::RunFinished(_)));
+            events.push(e);
+            if done {
+                break;
+            }
+        }
+        let run = client
+            .get_run(pb::GetRunRequest {
+                run_id: run_id.into(),
+            })
+            .await?
+            .into_inner();
+        Ok((run, events))
+    }
+
+    fn flight_service(layer: &str) -> Service {
+        match layer {
+            "bronze" => Service::Ingestor,
+            "silver" | "quarantine" => Service::Refiner,
+            _ => Service::Aggregator,
+        }
+    }
+
+    /// Reads a whole table (`layer.table`) over Arrow Flight from its layer's service.
+    pub async fn read(&self, table: &str) -> anyhow::Result<Vec<RecordBatch>> {
+        let (layer, name) = table.split_once('.').context("layer.table")?;
+        let channel = Channel::from_shared(self.url(Self::flight_service(layer)))?
+            .connect()
+            .await?;
+        let mut client = FlightClient::new(channel);
+        let info = client
+            .get_flight_info(FlightDescriptor::new_path(vec![layer.into(), name.into()]))
+            .await?;
+        let mut batches = Vec::new();
+        for ep in info.endpoint {
+            let ticket = ep.ticket.context("endpoint without ticket")?;
+            let mut stream = client.do_get(ticket).await?;
+            while let Some(b) = stream.try_next().await? {
+                batches.push(b);
+            }
+        }
+        Ok(batches)
+    }
+
+    /// Generates TPC-H CSV files with the `medallion gen-tpch` command into `dir`.
+    pub async fn gen_tpch(dir: &Path, scale_factor: f64, parts: u32) -> anyhow::Result<()> {
+        let status = Command::new(bin_dir().join("medallion"))
+            .args([
+                "gen-tpch",
+                &dir.display().to_string(),
+                "--scale-factor",
+                &scale_factor.to_string(),
+                "--parts",
+                &parts.to_string(),
+            ])
+            .status()
+            .await?;
+        if !status.success() {
+            bail!("medallion gen-tpch failed: {status}");
+        }
+        Ok(())
+    }
+}
+
+/// A task of a run by table name (`silver.lineitem`).
+pub fn task<'a>(run: &'a pb::Run, table: &str) -> &'a pb::Task {
+    run.tasks
+        .iter()
+        .find(|t| t.table.as_ref().is_some_and(|id| table_name(id) == table))
+        .unwrap_or_else(|| panic!("run has no task {table}"))
+}
+
+pub fn table_name(id: &pb::TableId) -> String {
+    let layer = match pb::Layer::try_from(id.layer) {
+        Ok(pb::Layer::Bronze) => "bronze",
+        Ok(pb::Layer::Silver) => "silver",
+        Ok(pb::Layer::Gold) => "gold",
+        Ok(pb::Layer::Quarantine) => "quarantine",
+        _ => "?",
+    };
+    format!("{layer}.{}", id.name)
+}
+
+pub fn succeeded(run: &pb::Run) -> bool {
+    run.state == pb::RunState::Succeeded as i32
+}
+
+/// A unique lowercase name for per-test schemas and pipelines.
+pub fn unique_name(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{prefix}_{}_{nanos}", std::process::id())
+}
+
+/// Typed reads of single values from Arrow batches, for assertions.
+pub mod values {
+    use arrow::{
+        array::{Array, AsArray},
+        datatypes::{DataType, Decimal128Type, Float64Type, Int32Type, Int64Type},
+        record_batch::RecordBatch,
+    };
+
+    fn column<'a>(batch: &'a RecordBatch, name: &str) -> &'a dyn Array {
+        batch
+            .column_by_name(name)
+            .unwrap_or_else(|| panic!("no column {name} in {:?}", batch.schema()))
+            .as_ref()
+    }
+
+    pub fn string(batch: &RecordBatch, name: &str, row: usize) -> Option<String> {
+        let c = column(batch, name);
+        if c.is_null(row) {
+            return None;
+        }
+        Some(match c.data_type() {
+            DataType::Utf8 => c.as_string::<i32>().value(row).to_string(),
+            DataType::LargeUtf8 => c.as_string::<i64>().value(row).to_string(),
+            DataType::Utf8View => c.as_string_view().value(row).to_string(),
+            other => panic!("{name} is {other}, not a string"),
+        })
+    }
+
+    /// A decimal column's value as an integer count of 10^-scale units (rescaled exactly).
+    pub fn decimal(batch: &RecordBatch, name: &str, row: usize, scale: i8) -> i128 {
+        let c = column(batch, name);
+        let DataType::Decimal128(_, s) = c.data_type() else {
+            panic!("{name} is {}, not a decimal", c.data_type())
+        };
+        let v = c.as_primitive::<Decimal128Type>().value(row);
+        let diff = i32::from(scale) - i32::from(*s);
+        if diff >= 0 {
+            v * 10i128.pow(diff as u32)
+        } else {
+            let d = 10i128.pow((-diff) as u32);
+            assert_eq!(
+                v % d,
+                0,
+                "{name}={v} (scale {s}) is not exact at scale {scale}"
+            );
+            v / d
+        }
+    }
+
+    pub fn float(batch: &RecordBatch, name: &str, row: usize) -> f64 {
+        column(batch, name).as_primitive::<Float64Type>().value(row)
+    }
+
+    pub fn int(batch: &RecordBatch, name: &str, row: usize) -> i64 {
+        let c = column(batch, name);
+        match c.data_type() {
+            DataType::Int64 => c.as_primitive::<Int64Type>().value(row),
+            DataType::Int32 => i64::from(c.as_primitive::<Int32Type>().value(row)),
+            other => panic!("{name} is {other}, not an integer"),
+        }
+    }
+
+    pub fn rows(batches: &[RecordBatch]) -> usize {
+        batches.iter().map(RecordBatch::num_rows).sum()
+    }
+}
