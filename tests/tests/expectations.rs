@@ -1,0 +1,116 @@
+//! Expectations with every action: counts in the run events, quarantined rows with the names
+//! of the expectations they failed, and `fail` stopping its table with nothing committed.
+
+use medallion_lake::{Lake, Layer};
+use medallion_proto::v1::{self as pb, run_event::Event};
+use medallion_tests::{Cluster, table_name, values};
+
+const SPEC: &str = r#"
+name: quality
+defaults: { retries: 0 }
+sources:
+  - name: items
+    format: csv
+    path: items/*.csv
+    options: { null_values: [""] }
+silver:
+  - name: items
+    from: bronze.items
+    columns:
+      - { name: id, type: int64 }
+      - { name: qty, type: int64 }
+      - { name: price, type: "decimal(10,2)" }
+      - { name: category }
+    expectations:
+      - { name: positive_qty, expr: "qty > 0", action: quarantine }
+      - { name: has_price, expr: "price IS NOT NULL", action: drop }
+      - { name: has_category, expr: "category IS NOT NULL", action: warn }
+  - name: strict_items
+    from: bronze.items
+    columns:
+      - { name: id, type: int64 }
+    expectations:
+      - { name: small_ids, expr: "id < 5", action: fail }
+"#;
+
+const ITEMS: &str =
+    "id,qty,price,category\n1,5,10.00,a\n2,-1,10.00,a\n3,5,,a\n4,5,10.00,\n5,0,,b\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expectations_warn_drop_quarantine_and_fail() {
+    let cluster = Cluster::start(None).await.expect("cluster");
+    let dir = cluster.data_dir().join("items");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("items.csv"), ITEMS).expect("fixture");
+    cluster.apply(SPEC).await.expect("apply");
+    let (run, events) = cluster.run("quality", false).await.expect("run");
+
+    // `fail` stops the run; the other silver table still commits.
+    assert_eq!(run.state, pb::RunState::Failed as i32, "{run:?}");
+    assert!(run.error.contains("small_ids"), "{}", run.error);
+    assert!(run.error.contains("1 of 5 rows"), "{}", run.error);
+
+    let counts: Vec<(String, String, u64, u64)> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(Event::Expectation(x)) => Some((
+                x.table.as_ref().map(table_name).unwrap_or_default(),
+                x.name.clone(),
+                x.failed_rows,
+                x.checked_rows,
+            )),
+            _ => None,
+        })
+        .collect();
+    for (name, failed) in [("positive_qty", 2), ("has_price", 2), ("has_category", 1)] {
+        assert!(
+            counts.contains(&("silver.items".to_string(), name.to_string(), failed, 5)),
+            "expected {name} to fail {failed} of 5 rows; events: {counts:?}"
+        );
+    }
+
+    let silver = cluster.read("silver.items").await.expect("read silver");
+    let mut ids: Vec<i64> = silver
+        .iter()
+        .flat_map(|b| (0..b.num_rows()).map(move |r| values::int(b, "id", r)))
+        .collect();
+    ids.sort();
+    assert_eq!(ids, vec![1, 4], "kept rows");
+
+    let quarantine = cluster
+        .read("quarantine.items")
+        .await
+        .expect("read quarantine");
+    let mut quarantined: Vec<(i64, String)> = quarantine
+        .iter()
+        .flat_map(|b| {
+            (0..b.num_rows()).map(move |r| {
+                (
+                    values::int(b, "id", r),
+                    values::string(b, "_failed_expectations", r).unwrap_or_default(),
+                )
+            })
+        })
+        .collect();
+    quarantined.sort();
+    assert_eq!(
+        quarantined,
+        vec![
+            (2, "positive_qty".to_string()),
+            (5, "positive_qty,has_price".to_string())
+        ]
+    );
+
+    let lake = Lake::open(
+        &cluster.lake_dir().display().to_string(),
+        Default::default(),
+    )
+    .expect("lake");
+    assert!(
+        lake.snapshot(Layer::Silver, "strict_items", None)
+            .await
+            .expect("snapshot")
+            .is_none(),
+        "a failed expectation committed data"
+    );
+}
