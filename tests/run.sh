@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs every Medallion test: each crate's unit tests and the cross-service tests, which start
+# the real service binaries on loopback ports against a local PostgreSQL and Python clients.
+# Needs: the Rust toolchain of rust-toolchain.toml, PostgreSQL on 127.0.0.1:5432 (started here
+# if it is installed but stopped), python3 with venv (the client packages are installed here).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+pg_url=${MEDALLION_TEST_PG_URL:-postgres://postgres@127.0.0.1:5432/test}
+if ! pg_isready -h 127.0.0.1 -p 5432 -q; then
+  echo "starting PostgreSQL"
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start
+  for _ in $(seq 30); do pg_isready -h 127.0.0.1 -p 5432 -q && break; sleep 1; done
+fi
+pg_isready -h 127.0.0.1 -p 5432
+if ! psql "$pg_url" -qtAc 'SELECT 1' >/dev/null 2>&1; then
+  createdb -h 127.0.0.1 -U postgres test
+fi
+export MEDALLION_TEST_PG_URL="$pg_url"
+
+venv=${MEDALLION_PY_VENV:-$HOME/.cache/medallion/venv}
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt
+export MEDALLION_TEST_PYTHON="$venv/bin/python"
+
+# The cross-service tests spawn the service binaries, so build them first.
+cargo build --workspace --bins --locked
+cargo test --workspace --locked
