@@ -10,7 +10,11 @@ use medallion_tests::{Cluster, Service, reference, succeeded, table_name, task, 
 
 /// Reads every row of the latest version of a table straight from the lake files.
 async fn lake_rows(lake: &Lake, layer: Layer, table: &str) -> (i64, usize) {
-    let snapshot = lake.snapshot(layer, table, None).await.expect("snapshot").expect("table exists");
+    let snapshot = lake
+        .snapshot(layer, table, None)
+        .await
+        .expect("snapshot")
+        .expect("table exists");
     let mut rows = 0;
     for file in &snapshot.files {
         let mut stream = lake.read_file(&snapshot, file, 8192);
@@ -25,36 +29,67 @@ async fn lake_rows(lake: &Lake, layer: Layer, table: &str) -> (i64, usize) {
 async fn refiner_killed_mid_write_recovers_without_duplicates() {
     let mut cluster = Cluster::start(None).await.expect("cluster");
     let generated = cluster.dir.path().join("generated");
-    Cluster::gen_tpch(&generated, 0.05, 2).await.expect("generate");
+    Cluster::gen_tpch(&generated, 0.05, 2)
+        .await
+        .expect("generate");
     let data = cluster.data_dir().join("data");
-    for f in ["lineitem/part-1.csv", "orders/part-1.csv", "orders/part-2.csv"] {
+    for f in [
+        "lineitem/part-1.csv",
+        "orders/part-1.csv",
+        "orders/part-2.csv",
+    ] {
         std::fs::create_dir_all(data.join(f).parent().expect("parent")).expect("mkdir");
         std::fs::copy(generated.join("data").join(f), data.join(f)).expect("copy");
     }
     // Retries far enough apart for the refiner to come back.
-    let spec = std::fs::read_to_string(medallion_tests::workspace_root().join("examples/tpch.yaml"))
-        .expect("spec")
-        .replace("retries: 2", "retries: 8")
-        .replace("backoff_ms: 500", "backoff_ms: 1000");
+    let spec =
+        std::fs::read_to_string(medallion_tests::workspace_root().join("examples/tpch.yaml"))
+            .expect("spec")
+            .replace("retries: 2", "retries: 8")
+            .replace("backoff_ms: 500", "backoff_ms: 1000");
     cluster.apply(&spec).await.expect("apply");
     let (run, _) = cluster.run("tpch", false).await.expect("clean run");
     assert!(succeeded(&run), "{run:?}");
-    let lake = Lake::open(&cluster.lake_dir().display().to_string(), Default::default()).expect("lake");
+    let lake = Lake::open(
+        &cluster.lake_dir().display().to_string(),
+        Default::default(),
+    )
+    .expect("lake");
     let (v1, rows1) = lake_rows(&lake, Layer::Silver, "lineitem").await;
 
-    std::fs::copy(generated.join("data/lineitem/part-2.csv"), data.join("lineitem/part-2.csv")).expect("copy part 2");
+    std::fs::copy(
+        generated.join("data/lineitem/part-2.csv"),
+        data.join("lineitem/part-2.csv"),
+    )
+    .expect("copy part 2");
     let expected_rows = reference::compute(&data).expect("reference").lineitems;
     let mut client = cluster.client().await.expect("client");
     let run = client
-        .trigger_run(pb::TriggerRunRequest { pipeline: "tpch".into(), full_refresh: false, tables: vec![] })
+        .trigger_run(pb::TriggerRunRequest {
+            pipeline: "tpch".into(),
+            full_refresh: false,
+            tables: vec![],
+        })
         .await
         .expect("trigger")
         .into_inner();
-    let mut events = client.watch_run(pb::WatchRunRequest { run_id: run.id.clone() }).await.expect("watch").into_inner();
+    let mut events = client
+        .watch_run(pb::WatchRunRequest {
+            run_id: run.id.clone(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
     loop {
-        let e = events.message().await.expect("event stream").expect("run ended before silver.lineitem wrote");
+        let e = events
+            .message()
+            .await
+            .expect("event stream")
+            .expect("run ended before silver.lineitem wrote");
         if let Some(Event::TaskProgress(p)) = &e.event {
-            if p.table.as_ref().map(table_name).as_deref() == Some("silver.lineitem") && p.phase == "writing" {
+            if p.table.as_ref().map(table_name).as_deref() == Some("silver.lineitem")
+                && p.phase == "writing"
+            {
                 break;
             }
         }
@@ -68,18 +103,39 @@ async fn refiner_killed_mid_write_recovers_without_duplicates() {
         "after the crash silver.lineitem is version {v} with {rows} rows (before: version {v1}, {rows1} rows)"
     );
 
-    cluster.restart(Service::Refiner).await.expect("restart refiner");
+    cluster
+        .restart(Service::Refiner)
+        .await
+        .expect("restart refiner");
     let (run, _) = cluster.follow(&run.id).await.expect("follow");
     assert!(succeeded(&run), "run after restart: {run:?}");
-    assert!(task(&run, "silver.lineitem").attempts >= 2, "the killed task was not retried");
+    assert!(
+        task(&run, "silver.lineitem").attempts >= 2,
+        "the killed task was not retried"
+    );
 
     let silver = cluster.read("silver.lineitem").await.expect("read silver");
-    assert_eq!(values::rows(&silver), expected_rows, "silver.lineitem rows after recovery");
+    assert_eq!(
+        values::rows(&silver),
+        expected_rows,
+        "silver.lineitem rows after recovery"
+    );
     let keys: BTreeSet<(i64, i64)> = silver
         .iter()
-        .flat_map(|b| (0..b.num_rows()).map(move |r| (values::int(b, "l_orderkey", r), values::int(b, "l_linenumber", r))))
+        .flat_map(|b| {
+            (0..b.num_rows()).map(move |r| {
+                (
+                    values::int(b, "l_orderkey", r),
+                    values::int(b, "l_linenumber", r),
+                )
+            })
+        })
         .collect();
-    assert_eq!(keys.len(), expected_rows, "duplicate (orderkey, linenumber) rows in silver");
+    assert_eq!(
+        keys.len(),
+        expected_rows,
+        "duplicate (orderkey, linenumber) rows in silver"
+    );
     let (_, lake_count) = lake_rows(&lake, Layer::Silver, "lineitem").await;
     assert_eq!(lake_count, expected_rows);
 }

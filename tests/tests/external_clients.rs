@@ -30,11 +30,18 @@ fn python() -> String {
 async fn pyarrow_flight_and_grpc_reflection_clients() {
     let cluster = Cluster::start(None).await.expect("cluster");
     std::fs::create_dir_all(cluster.data_dir()).expect("mkdir");
-    std::fs::write(cluster.data_dir().join("sales.csv"), "region,amount\neu,10.50\nus,3.25\neu,1.25\n").expect("fixture");
+    std::fs::write(
+        cluster.data_dir().join("sales.csv"),
+        "region,amount\neu,10.50\nus,3.25\neu,1.25\n",
+    )
+    .expect("fixture");
     cluster.apply(SPEC).await.expect("apply");
     let (run, _) = cluster.run("sales", false).await.expect("run");
     assert!(succeeded(&run), "{run:?}");
-    let gold = cluster.read("gold.sales_by_region").await.expect("read gold");
+    let gold = cluster
+        .read("gold.sales_by_region")
+        .await
+        .expect("read gold");
 
     let host = |s: Service| cluster.url(s).trim_start_matches("http://").to_string();
     let script = medallion_tests::workspace_root().join("tests/python/external_clients.py");
@@ -46,7 +53,11 @@ async fn pyarrow_flight_and_grpc_reflection_clients() {
         .await
         .expect("run python (set MEDALLION_TEST_PYTHON to an interpreter with tests/python/requirements.txt)");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "python client failed: {}\n{stdout}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "python client failed: {}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON report");
     assert_eq!(report["rows"].as_u64(), Some(values::rows(&gold) as u64));
     assert_eq!(report["columns"], serde_json::json!(["region", "total"]));

@@ -4,6 +4,9 @@
 
 mod aggregate;
 
+/// Computes a gold table from its silver inputs (also used by `medallion bench` in one process).
+pub use aggregate::compute;
+
 use medallion_lake::Lake;
 use medallion_server::CancellationToken;
 use medallion_spec::Layer;

@@ -1,6 +1,7 @@
 //! `medallion`: run a local Medallion stack, apply pipeline specs, trigger and watch runs,
 //! and read any layer's tables over Arrow Flight.
 
+mod bench;
 mod demo;
 mod display;
 mod stack;
@@ -79,6 +80,8 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         parts: i32,
     },
+    /// Time the tpch pipeline through the services against the same plan in one process.
+    Bench(bench::BenchArgs),
     /// Generate TPC-H data, start the services, run examples/tpch.yaml and print the gold tables.
     Demo(demo::DemoArgs),
 }
@@ -246,6 +249,7 @@ async fn main() -> anyhow::Result<()> {
             tokio::task::spawn_blocking(move || demo::generate_tpch(&dir, scale_factor, parts))
                 .await?
         }
+        Command::Bench(args) => bench::bench(args).await,
         Command::Demo(args) => demo::demo(args).await,
     }
 }

@@ -181,6 +181,14 @@ impl Stack {
         }
     }
 
+    /// Process ids of the services, by binary name.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        self.children
+            .iter()
+            .filter_map(|(n, c)| Some((n.clone(), c.id()?)))
+            .collect()
+    }
+
     /// Returns when a service process exits on its own.
     pub async fn wait_any_exit(&mut self) -> String {
         loop {

@@ -19,7 +19,7 @@ const TAG_PATH: &str = "medallion.source.path";
 const TAG_SIZE: &str = "medallion.source.size";
 const TAG_MODIFIED: &str = "medallion.source.modified_us";
 
-pub struct Ingestor {
+pub(crate) struct Ingestor {
     pub lake: Lake,
 }
 
@@ -46,7 +46,7 @@ fn timestamp_type() -> DataType {
 }
 
 /// The source's columns plus the lineage columns.
-fn with_lineage(schema: &Schema) -> SchemaRef {
+pub fn with_lineage(schema: &Schema) -> SchemaRef {
     let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
     fields.push(Field::new("_source_file", DataType::Utf8, false));
     fields.push(Field::new("_source_modified", timestamp_type(), false));
@@ -55,7 +55,8 @@ fn with_lineage(schema: &Schema) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
-fn add_lineage(
+/// Appends the lineage columns to a batch read from `file`.
+pub fn add_lineage(
     batch: &RecordBatch,
     schema: &SchemaRef,
     file: &SourceFile,

@@ -3,8 +3,8 @@
 //! (path, size, modification time are tags on the data files they became), so the next run
 //! ingests only new or changed files. Serves bronze over Arrow Flight.
 
-mod ingest;
-mod sources;
+pub mod ingest;
+pub mod sources;
 
 use medallion_lake::Lake;
 use medallion_server::CancellationToken;

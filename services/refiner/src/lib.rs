@@ -4,7 +4,7 @@
 //! quarantine over Arrow Flight.
 
 mod refine;
-mod transform;
+pub mod transform;
 
 use medallion_lake::Lake;
 use medallion_server::CancellationToken;

@@ -43,14 +43,40 @@ pub fn polars_type(t: ColumnType) -> DataType {
     }
 }
 
-fn column_expr(table: &str, i: usize, col: &ColumnSpec) -> Result<Expr, TaskError> {
-    let base = match (&col.from, &col.expr) {
-        (_, Some(sql)) => parse_expr(table, &format!("columns[{i}].expr"), sql)?,
-        (Some(from), None) => polars::prelude::col(from.as_str()),
-        (None, None) => polars::prelude::col(col.name.as_str()),
+fn column_expr(
+    table: &str,
+    i: usize,
+    col: &ColumnSpec,
+    input: &DataFrame,
+) -> Result<Expr, TaskError> {
+    // The input column taken as is (renamed by `from`), unless the column is computed.
+    let source = col
+        .expr
+        .is_none()
+        .then(|| col.from.as_deref().unwrap_or(&col.name));
+    let base = match (&col.expr, source) {
+        (Some(sql), _) => parse_expr(table, &format!("columns[{i}].expr"), sql)?,
+        (None, name) => polars::prelude::col(name.unwrap_or(&col.name)),
+    };
+    let from_string = source
+        .and_then(|name| input.schema().get(name).cloned())
+        .is_some_and(|dt| dt == DataType::String);
+    // Strict: a value that does not convert fails the task, naming the column and values.
+    let options = StrptimeOptions {
+        strict: true,
+        exact: true,
+        cache: true,
+        ..Default::default()
     };
     let typed = match col.data_type {
-        // Strict: a value that does not convert fails the task, naming the column and values.
+        // Text dates and times are parsed, not cast (casting strings to dates is deprecated in polars).
+        Some(ColumnType::Date) if from_string => base.str().to_date(options),
+        Some(ColumnType::Timestamp) if from_string => base.str().to_datetime(
+            Some(TimeUnit::Microseconds),
+            Some(TimeZone::UTC),
+            options,
+            lit("raise"),
+        ),
         Some(t) => base.strict_cast(polars_type(t)),
         None => base,
     };
@@ -94,7 +120,7 @@ pub fn refine(
         let exprs = cols
             .iter()
             .enumerate()
-            .map(|(i, c)| column_expr(t, i, c))
+            .map(|(i, c)| column_expr(t, i, c, input))
             .collect::<Result<Vec<_>, _>>()?;
         lf = lf.select(exprs);
     }

@@ -1,0 +1,255 @@
+//! `medallion bench tpch`: the tpch pipeline through the four services (gRPC, Arrow Flight,
+//! Delta commits) against the same plan in one process with polars alone (same readers and
+//! transforms, no services, no lake), with per-layer seconds, rows/s and peak memory.
+
+use std::{collections::BTreeMap, path::PathBuf, time::Instant};
+
+use anyhow::Context;
+use medallion_proto::v1 as pb;
+use medallion_spec::{Layer, Pipeline, TableRef};
+use polars::prelude::DataFrame;
+
+use crate::{demo, display, stack};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// The benchmark to run (only `tpch`).
+    #[arg(value_parser = ["tpch"])]
+    pub which: String,
+    #[arg(long, default_value_t = 1.0)]
+    pub scale_factor: f64,
+    /// Work folder: generated data is kept between runs; the lake is made anew each run.
+    #[arg(long, default_value = "./.medallion/bench")]
+    pub work: PathBuf,
+    #[arg(long, default_value_t = 50080)]
+    pub base_port: u16,
+}
+
+/// Peak resident memory (VmHWM) of a process, in bytes.
+fn peak_rss(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<u64>().ok())
+            })
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// Seconds from the first task start to the last task end of each layer.
+fn layer_seconds(run: &pb::Run) -> BTreeMap<&'static str, f64> {
+    let mut spans: BTreeMap<&'static str, (i64, i64)> = BTreeMap::new();
+    for t in &run.tasks {
+        let layer = match t.table.as_ref().map(|x| x.layer) {
+            Some(l) if l == pb::Layer::Bronze as i32 => "bronze",
+            Some(l) if l == pb::Layer::Silver as i32 => "silver",
+            _ => "gold",
+        };
+        let e = spans.entry(layer).or_insert((i64::MAX, 0));
+        e.0 = e.0.min(t.started_at_ms);
+        e.1 = e.1.max(t.finished_at_ms);
+    }
+    spans
+        .into_iter()
+        .map(|(k, (a, b))| (k, (b - a) as f64 / 1000.0))
+        .collect()
+}
+
+async fn services_path(
+    args: &BenchArgs,
+    work: &std::path::Path,
+) -> anyhow::Result<(BTreeMap<&'static str, f64>, f64, Vec<(String, u64)>)> {
+    let lake = work.join("lake");
+    let state = work.join("state");
+    for dir in [&lake, &state] {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)
+                .with_context(|| format!("cannot clear {}", dir.display()))?;
+        }
+    }
+    let stack_args = stack::StackArgs {
+        lake,
+        state_dir: state,
+        base_port: args.base_port,
+        warehouse: None,
+    };
+    let stack = stack::Stack::start(&stack_args).await?;
+    let result = async {
+        let mut client = crate::connect(&stack.coordinator).await?;
+        crate::apply_text(
+            &mut client,
+            demo::TPCH_SPEC.to_string(),
+            work.display().to_string(),
+        )
+        .await?;
+        let started = Instant::now();
+        let run = client
+            .trigger_run(pb::TriggerRunRequest {
+                pipeline: "tpch".into(),
+                full_refresh: false,
+                tables: vec![],
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+            .into_inner();
+        display::watch(&mut client, &run.id).await?;
+        let total = started.elapsed().as_secs_f64();
+        let run = client
+            .get_run(pb::GetRunRequest { run_id: run.id })
+            .await?
+            .into_inner();
+        let rss = stack
+            .pids()
+            .into_iter()
+            .map(|(name, pid)| (name, peak_rss(&pid.to_string())))
+            .collect();
+        anyhow::Ok((layer_seconds(&run), total, rss))
+    }
+    .await;
+    stack.stop().await;
+    result
+}
+
+/// Reads one source the way the ingestor does (same reader, same lineage columns).
+async fn read_source(pipeline: &Pipeline, name: &str, base: &str) -> anyhow::Result<DataFrame> {
+    let source = pipeline.source(name).context("source")?.clone();
+    let files =
+        medallion_ingestor::sources::list_files(&source, base).map_err(anyhow::Error::msg)?;
+    let mut batches = Vec::new();
+    let mut schema = None;
+    for file in files {
+        let (mut rx, handle) =
+            medallion_ingestor::sources::spawn_reader(source.clone(), file.clone());
+        while let Some(batch) = rx.recv().await {
+            let batch = batch.map_err(anyhow::Error::msg)?;
+            let full = schema
+                .get_or_insert_with(|| medallion_ingestor::ingest::with_lineage(&batch.schema()))
+                .clone();
+            batches.push(medallion_ingestor::ingest::add_lineage(
+                &batch, &full, &file, 0, "bench",
+            )?);
+        }
+        handle.await?;
+    }
+    let schema = schema.context("no data")?;
+    Ok(medallion_frames::frame_from_batches(&schema, &batches)?)
+}
+
+async fn in_process_path(
+    work: &std::path::Path,
+) -> anyhow::Result<(BTreeMap<&'static str, f64>, f64, u64)> {
+    let pipeline = Pipeline::parse(demo::TPCH_SPEC)?;
+    let base = work.display().to_string();
+    let mut frames: BTreeMap<TableRef, DataFrame> = BTreeMap::new();
+    let mut seconds = BTreeMap::new();
+    let total = Instant::now();
+    for layer in [Layer::Bronze, Layer::Silver, Layer::Gold] {
+        let started = Instant::now();
+        for node in pipeline.dag.nodes.iter().filter(|n| n.table.layer == layer) {
+            let inputs: BTreeMap<TableRef, DataFrame> = node
+                .depends_on
+                .iter()
+                .filter_map(|d| frames.get(d).map(|f| (d.clone(), f.clone())))
+                .collect();
+            let name = node.table.name.as_str();
+            let df = match layer {
+                Layer::Bronze => read_source(&pipeline, name, &base).await?,
+                Layer::Silver => {
+                    let spec = pipeline.silver(name).context("silver")?.clone();
+                    tokio::task::spawn_blocking(move || {
+                        medallion_refiner::transform::refine(&spec, &inputs)
+                    })
+                    .await??
+                    .silver
+                }
+                _ => {
+                    let spec = pipeline.gold(name).context("gold")?.clone();
+                    tokio::task::spawn_blocking(move || {
+                        medallion_aggregator::compute(&spec, &inputs)
+                    })
+                    .await??
+                }
+            };
+            frames.insert(node.table.clone(), df);
+        }
+        seconds.insert(layer.as_str(), started.elapsed().as_secs_f64());
+    }
+    Ok((seconds, total.elapsed().as_secs_f64(), peak_rss("self")))
+}
+
+pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.work)?;
+    let work = std::fs::canonicalize(&args.work)?;
+    println!(
+        "generating TPC-H at scale factor {} in {}",
+        args.scale_factor,
+        work.join("data").display()
+    );
+    let (dir, sf) = (work.clone(), args.scale_factor);
+    tokio::task::spawn_blocking(move || demo::generate_tpch(&dir, sf, 1)).await??;
+    let rows = {
+        let count = |t: &str| -> anyhow::Result<u64> {
+            let path = work.join("data").join(t).join("part-1.csv");
+            let text = std::fs::read(&path).with_context(|| format!("{}", path.display()))?;
+            Ok(text
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count()
+                .saturating_sub(1) as u64)
+        };
+        count("lineitem")? + count("orders")?
+    };
+
+    println!("\n== through the services ==");
+    let (svc_layers, svc_total, rss) = services_path(&args, &work).await?;
+    println!("\n== one process, polars alone ==");
+    let (inp_layers, inp_total, inp_rss) = in_process_path(&work).await?;
+
+    println!(
+        "\nTPC-H scale factor {} ({} source rows)",
+        args.scale_factor,
+        display::thousands(rows)
+    );
+    println!(
+        "{:<8} {:>12} {:>12} {:>8}",
+        "layer", "services s", "in-proc s", "ratio"
+    );
+    for layer in ["bronze", "silver", "gold"] {
+        let (a, b) = (
+            svc_layers.get(layer).copied().unwrap_or(0.0),
+            inp_layers.get(layer).copied().unwrap_or(0.0),
+        );
+        println!(
+            "{layer:<8} {a:>12.2} {b:>12.2} {:>8.2}",
+            if b > 0.0 { a / b } else { 0.0 }
+        );
+    }
+    println!(
+        "{:<8} {:>12.2} {:>12.2} {:>8.2}",
+        "total",
+        svc_total,
+        inp_total,
+        svc_total / inp_total.max(1e-9)
+    );
+    println!(
+        "rows/s  {:>12} {:>12}",
+        display::thousands((rows as f64 / svc_total) as u64),
+        display::thousands((rows as f64 / inp_total) as u64)
+    );
+    println!("\npeak RSS");
+    let mut sum = 0;
+    for (name, bytes) in &rss {
+        sum += bytes;
+        println!("  {name:<24} {}", gib(*bytes));
+    }
+    println!("  {:<24} {}", "services total", gib(sum));
+    println!("  {:<24} {}", "one process", gib(inp_rss));
+    Ok(())
+}
