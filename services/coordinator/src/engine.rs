@@ -495,16 +495,22 @@ impl Engine {
                                 .unwrap_or(TaskState::Succeeded)
                         })
                         .collect();
-                    if dep_states.iter().any(|s| {
-                        matches!(
-                            s,
-                            TaskState::Failed | TaskState::Skipped | TaskState::Cancelled
-                        )
-                    }) {
-                        states.insert(table.clone(), TaskState::Skipped);
+                    // Downstream of a cancelled task is cancelled; of a failed one, skipped.
+                    let blocked = if dep_states.contains(&TaskState::Cancelled) {
+                        Some((TaskState::Cancelled, "run cancelled"))
+                    } else if dep_states
+                        .iter()
+                        .any(|s| matches!(s, TaskState::Failed | TaskState::Skipped))
+                    {
+                        Some((TaskState::Skipped, "an upstream table failed"))
+                    } else {
+                        None
+                    };
+                    if let Some((state, reason)) = blocked {
+                        states.insert(table.clone(), state);
                         self.set_task(&run_id, &table, None, |t| {
-                            t.state = TaskState::Skipped;
-                            t.error = Some("an upstream table failed".into());
+                            t.state = state;
+                            t.error = Some(reason.into());
                         });
                         progressed = true;
                         continue;

@@ -1,0 +1,212 @@
+//! The coordinator's guarantees: runs survive a coordinator crash (resumed on restart),
+//! cancellation reaches the running task, schedules fire without overlapping, one run at a time.
+
+use std::time::Duration;
+
+use medallion_proto::v1::{self as pb, run_event::Event};
+use medallion_tests::{Cluster, Service, reference, succeeded, table_name, task};
+
+/// A cluster with TPC-H data (lineitem and orders) and examples/tpch.yaml applied.
+async fn tpch_cluster(scale_factor: f64) -> Cluster {
+    let cluster = Cluster::start(None).await.expect("cluster");
+    Cluster::gen_tpch(&cluster.data_dir(), scale_factor, 1)
+        .await
+        .expect("generate");
+    let spec =
+        std::fs::read_to_string(medallion_tests::workspace_root().join("examples/tpch.yaml"))
+            .expect("spec");
+    cluster.apply(&spec).await.expect("apply");
+    cluster
+}
+
+/// Waits in a run's event stream until `table` has started.
+async fn wait_started(events: &mut tonic::Streaming<pb::RunEvent>, table: &str) {
+    loop {
+        let e = events
+            .message()
+            .await
+            .expect("event stream")
+            .unwrap_or_else(|| panic!("run ended before {table} started"));
+        if let Some(Event::TaskStarted(s)) = &e.event {
+            if s.table.as_ref().map(table_name).as_deref() == Some(table) {
+                return;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_interrupted_by_coordinator_crash_is_resumed() {
+    let mut cluster = tpch_cluster(0.05).await;
+    let mut client = cluster.client().await.expect("client");
+    let run = client
+        .trigger_run(pb::TriggerRunRequest {
+            pipeline: "tpch".into(),
+            full_refresh: false,
+            tables: vec![],
+        })
+        .await
+        .expect("trigger")
+        .into_inner();
+    let mut events = client
+        .watch_run(pb::WatchRunRequest {
+            run_id: run.id.clone(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    wait_started(&mut events, "silver.lineitem").await;
+    cluster.kill(Service::Coordinator).await;
+    cluster
+        .restart(Service::Coordinator)
+        .await
+        .expect("restart coordinator");
+
+    let (run, _) = cluster
+        .follow(&run.id)
+        .await
+        .expect("follow the resumed run");
+    assert!(succeeded(&run), "resumed run: {run:?}");
+    let expected = reference::compute(&cluster.data_dir().join("data")).expect("reference");
+    let bronze = task(&run, "bronze.lineitem")
+        .manifest
+        .as_ref()
+        .expect("manifest");
+    assert_eq!(
+        bronze.table_rows as usize, expected.lineitems,
+        "bronze rows after resume (no duplicates)"
+    );
+    let silver = task(&run, "silver.lineitem")
+        .manifest
+        .as_ref()
+        .expect("manifest");
+    assert_eq!(silver.table_rows as usize, expected.lineitems);
+
+    let mut client = cluster.client().await.expect("client");
+    let pipelines = client
+        .list_pipelines(pb::ListPipelinesRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .pipelines;
+    assert_eq!(
+        pipelines
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>(),
+        ["tpch"],
+        "pipelines survive a restart"
+    );
+    let runs = client
+        .list_runs(pb::ListRunsRequest {
+            pipeline: "tpch".into(),
+            limit: 10,
+        })
+        .await
+        .expect("runs")
+        .into_inner()
+        .runs;
+    assert_eq!(runs.len(), 1, "run history survives a restart");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_reaches_the_running_task_and_one_run_at_a_time() {
+    let cluster = tpch_cluster(0.05).await;
+    let mut client = cluster.client().await.expect("client");
+    let run = client
+        .trigger_run(pb::TriggerRunRequest {
+            pipeline: "tpch".into(),
+            full_refresh: false,
+            tables: vec![],
+        })
+        .await
+        .expect("trigger")
+        .into_inner();
+    let second = client
+        .trigger_run(pb::TriggerRunRequest {
+            pipeline: "tpch".into(),
+            full_refresh: false,
+            tables: vec![],
+        })
+        .await
+        .expect_err("a second run while one is going");
+    assert_eq!(second.code(), tonic::Code::FailedPrecondition, "{second:?}");
+
+    let mut events = client
+        .watch_run(pb::WatchRunRequest {
+            run_id: run.id.clone(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    wait_started(&mut events, "silver.lineitem").await;
+    client
+        .cancel_run(pb::CancelRunRequest {
+            run_id: run.id.clone(),
+        })
+        .await
+        .expect("cancel");
+    let (run, _) = cluster.follow(&run.id).await.expect("follow");
+    assert_eq!(run.state, pb::RunState::Cancelled as i32, "{run:?}");
+    for gold in ["gold.pricing_summary", "gold.monthly_revenue"] {
+        let t = task(&run, gold);
+        assert_eq!(
+            t.state,
+            pb::TaskState::Cancelled as i32,
+            "{gold} should not run after a cancel: {:#?}",
+            run.tasks
+        );
+        assert_eq!(t.attempts, 0, "{gold} started after the cancel");
+    }
+    // The pipeline is free again.
+    let (run, _) = cluster.run("tpch", false).await.expect("run after cancel");
+    assert!(succeeded(&run), "{run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn schedule_fires_without_overlapping_runs() {
+    let cluster = Cluster::start(None).await.expect("cluster");
+    std::fs::create_dir_all(cluster.data_dir()).expect("mkdir");
+    std::fs::write(cluster.data_dir().join("ticks.csv"), "n\n1\n2\n").expect("fixture");
+    let spec = "name: ticker\nschedule: \"*/2 * * * * *\"\nsources:\n  - { name: ticks, format: csv, path: ticks.csv }\n";
+    cluster.apply(spec).await.expect("apply");
+    let mut client = cluster.client().await.expect("client");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let runs = loop {
+        let runs = client
+            .list_runs(pb::ListRunsRequest {
+                pipeline: "ticker".into(),
+                limit: 50,
+            })
+            .await
+            .expect("runs")
+            .into_inner()
+            .runs;
+        let finished = runs.iter().filter(|r| r.finished_at_ms > 0).count();
+        if finished >= 3 {
+            break runs;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "schedule did not fire 3 runs in 60s: {runs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    // Stop the schedule before checking.
+    cluster
+        .apply("name: ticker\nsources:\n  - { name: ticks, format: csv, path: ticks.csv }\n")
+        .await
+        .expect("unschedule");
+    let mut finished: Vec<&pb::Run> = runs.iter().filter(|r| r.finished_at_ms > 0).collect();
+    finished.sort_by_key(|r| r.created_at_ms);
+    for r in &finished {
+        assert_eq!(r.trigger, "schedule");
+        assert!(succeeded(r), "{r:?}");
+    }
+    for pair in finished.windows(2) {
+        assert!(
+            pair[1].created_at_ms >= pair[0].finished_at_ms,
+            "scheduled runs overlapped: {pair:?}"
+        );
+    }
+}
