@@ -280,6 +280,8 @@ impl Engine {
                     })
                     .collect(),
                 trigger: trigger.to_string(),
+                spec_yaml: p.spec_yaml.clone(),
+                base_dir: p.base_dir.clone(),
                 events: Vec::new(),
             };
             self.store.save_run(&record)?;
@@ -414,21 +416,17 @@ impl Engine {
 
     async fn execute(self: Arc<Self>, run_id: String, cancel: CancellationToken) {
         let Ok(run) = self.run(&run_id) else { return };
-        let pipeline = match self
-            .pipeline(&run.pipeline)
-            .and_then(|p| Ok((Pipeline::parse(&p.spec_yaml)?, p)))
-        {
+        let parsed = match Pipeline::parse(&run.spec_yaml) {
             Ok(p) => p,
             Err(e) => {
                 self.finish(
                     &run_id,
                     RunState::Failed,
-                    Some(format!("pipeline is gone: {e}")),
+                    Some(format!("invalid spec: {e}")),
                 );
                 return;
             }
         };
-        let (parsed, record) = pipeline;
         self.record(&run_id, None, |r| {
             r.state = RunState::Running;
             // On resume, unfinished tasks start over; their commits are idempotent per run sequence.
@@ -528,10 +526,10 @@ impl Engine {
                     let request = pb::RunTaskRequest {
                         task_id: format!("{run_id}/{table}"),
                         run_id: run_id.clone(),
-                        pipeline: record.name.clone(),
+                        pipeline: run.pipeline.clone(),
                         run_sequence: run.sequence,
-                        spec_yaml: record.spec_yaml.clone(),
-                        base_dir: record.base_dir.clone(),
+                        spec_yaml: run.spec_yaml.clone(),
+                        base_dir: run.base_dir.clone(),
                         table: Some(table_to_pb(&table_ref)),
                         full_refresh: run.full_refresh,
                         inputs,

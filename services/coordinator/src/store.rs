@@ -170,6 +170,9 @@ pub struct RunRecord {
     pub error: Option<String>,
     pub tasks: Vec<TaskRecord>,
     pub trigger: String,
+    /// The spec revision the run executes, so a resumed run runs what it started with.
+    pub spec_yaml: String,
+    pub base_dir: String,
     /// Every event but progress ticks (those are live only).
     pub events: Vec<EventRecord>,
 }

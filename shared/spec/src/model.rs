@@ -132,7 +132,8 @@ pub struct SourceSpec {
     /// Infer column types from the data instead of keeping CSV columns as strings.
     #[serde(default)]
     pub infer_types: bool,
-    /// Column names; for CSV without a header they name the columns, otherwise they are checked.
+    /// Column names. CSV without a header: they name the columns; CSV with a header: it must
+    /// equal them. Every format: they let apply-time validation check downstream column references.
     #[serde(default)]
     pub columns: Option<Vec<String>>,
     #[serde(default)]

@@ -355,10 +355,16 @@ fn silver_dependencies(
     let base = format!("silver[{i}]");
     let mut deps = Vec::new();
     if let Some(sql) = &silver.sql {
-        if silver.from.is_some() || silver.columns.is_some() || silver.join.is_some() {
+        let declarative = silver.from.is_some()
+            || silver.columns.is_some()
+            || silver.join.is_some()
+            || silver.filter.is_some()
+            || silver.dedupe.is_some()
+            || !silver.expectations.is_empty();
+        if declarative {
             return Err(SpecError::new(
                 format!("{base}.sql"),
-                "`sql` replaces `from`, `columns` and `join`; use one form",
+                "`sql` replaces `from`, `columns`, `filter`, `expectations`, `dedupe` and `join`; use one form",
             ));
         }
         let names =

@@ -263,9 +263,11 @@ impl<R: TaskRunner> pb::stage_service_server::StageService for StageServer<R> {
             let _guard = guard;
             let started = Instant::now();
             let table = task.table.clone();
+            // A caller that stops listening (timeout, cancel, crash) cancels the task.
             let result = tokio::select! {
                 r = runner.run(task, progress, token.clone()) => r,
                 _ = token.cancelled() => Err(TaskError::Cancelled),
+                _ = tx.closed() => Err(TaskError::Cancelled),
             };
             let message = match result {
                 Ok(manifest) => {
