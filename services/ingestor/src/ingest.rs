@@ -229,10 +229,28 @@ impl TaskRunner for Ingestor {
         metadata.insert("run_id".into(), task.run_id.clone().into());
         metadata.insert("pipeline".into(), task.pipeline.spec.name.clone().into());
         metadata.insert("source_files".into(), taken.len().into());
-        let mode = if task.full_refresh || current.is_none() {
-            WriteMode::Overwrite
-        } else {
-            WriteMode::Append
+        // A source file delivered again with new content replaces its old rows in the same commit.
+        let mode = match &current {
+            _ if task.full_refresh => WriteMode::Overwrite,
+            None => WriteMode::Overwrite,
+            Some(snapshot) => {
+                let taken_paths: BTreeSet<&str> = taken.iter().map(String::as_str).collect();
+                let replaced: BTreeSet<String> = snapshot
+                    .files
+                    .iter()
+                    .filter(|f| {
+                        f.tags
+                            .get(TAG_PATH)
+                            .is_some_and(|p| taken_paths.contains(p.as_str()))
+                    })
+                    .map(|f| f.path.clone())
+                    .collect();
+                if replaced.is_empty() {
+                    WriteMode::Append
+                } else {
+                    WriteMode::Replace(replaced)
+                }
+            }
         };
         let outcome = writer
             .commit(CommitSpec {

@@ -1,6 +1,6 @@
 //! Streaming writes that land in one idempotent Delta commit.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
@@ -18,10 +18,13 @@ use tracing::{info, warn};
 use crate::{Ctx, Error, Lake, Result, TARGET_FILE_SIZE, version_i64};
 
 /// How a commit relates to the table's current content.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteMode {
     /// Add the new files; the schema must match the table's.
     Append,
+    /// Append, and remove these data files (paths as in [`crate::DataFile::path`]) in the same
+    /// commit: replaces the rows of re-delivered source files atomically.
+    Replace(BTreeSet<String>),
     /// Replace every file of the current version (and the schema, if it changed).
     Overwrite,
 }
@@ -221,8 +224,8 @@ impl TableWriter {
 
             let table_schema = state.schema();
             let mut actions = data;
-            let save_mode = match spec.mode {
-                WriteMode::Append => {
+            let save_mode = match &spec.mode {
+                WriteMode::Append | WriteMode::Replace(_) => {
                     if !append_compatible(&table_schema, &write_schema) {
                         return Err(Error::SchemaMismatch {
                             layer: ctx.layer,
@@ -230,6 +233,17 @@ impl TableWriter {
                             table_schema: render(&table_schema),
                             write_schema: render(&write_schema),
                         });
+                    }
+                    if let WriteMode::Replace(paths) = &spec.mode {
+                        let live = state
+                            .snapshot()
+                            .try_log_data()
+                            .map_err(ctx.delta("list files"))?;
+                        actions.extend(
+                            live.iter()
+                                .filter(|f| paths.contains(f.path().as_ref()))
+                                .map(|f| Action::Remove(f.remove_action(true))),
+                        );
                     }
                     SaveMode::Append
                 }
