@@ -27,10 +27,10 @@ async fn wait_started(events: &mut tonic::Streaming<pb::RunEvent>, table: &str) 
             .await
             .expect("event stream")
             .unwrap_or_else(|| panic!("run ended before {table} started"));
-        if let Some(Event::TaskStarted(s)) = &e.event {
-            if s.table.as_ref().map(table_name).as_deref() == Some(table) {
-                return;
-            }
+        if let Some(Event::TaskStarted(s)) = &e.event
+            && s.table.as_ref().map(table_name).as_deref() == Some(table)
+        {
+            return;
         }
     }
 }

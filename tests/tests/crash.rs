@@ -86,12 +86,11 @@ async fn refiner_killed_mid_write_recovers_without_duplicates() {
             .await
             .expect("event stream")
             .expect("run ended before silver.lineitem wrote");
-        if let Some(Event::TaskProgress(p)) = &e.event {
-            if p.table.as_ref().map(table_name).as_deref() == Some("silver.lineitem")
-                && p.phase == "writing"
-            {
-                break;
-            }
+        if let Some(Event::TaskProgress(p)) = &e.event
+            && p.table.as_ref().map(table_name).as_deref() == Some("silver.lineitem")
+            && p.phase == "writing"
+        {
+            break;
         }
     }
     cluster.kill(Service::Refiner).await;

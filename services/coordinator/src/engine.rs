@@ -338,10 +338,10 @@ impl Engine {
 
     pub fn cancel(&self, id: &str) -> Result<RunRecord> {
         let run = self.run(id)?;
-        if !run.state.is_finished() {
-            if let Some(live) = self.live.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
-                live.cancel.cancel();
-            }
+        if !run.state.is_finished()
+            && let Some(live) = self.live.lock().unwrap_or_else(|p| p.into_inner()).get(id)
+        {
+            live.cancel.cancel();
         }
         Ok(run)
     }
@@ -388,15 +388,14 @@ impl Engine {
             }
             announced
         };
-        if let Some(e) = announced {
-            if let Some(live) = self
+        if let Some(e) = announced
+            && let Some(live) = self
                 .live
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(run_id)
-            {
-                let _ = live.events.send(e);
-            }
+        {
+            let _ = live.events.send(e);
         }
     }
 
@@ -454,13 +453,13 @@ impl Engine {
         let mut manifests: BTreeMap<String, pb::TaskManifest> = BTreeMap::new();
         if let Ok(r) = self.run(&run_id) {
             for t in &r.tasks {
-                if let (TaskState::Succeeded, Some(m)) = (t.state, &t.manifest) {
-                    if let Ok(table) = t.table.parse::<TableRef>() {
-                        manifests.insert(
-                            t.table.clone(),
-                            manifest_to_pb(&to_domain_manifest(&table, m)),
-                        );
-                    }
+                if let (TaskState::Succeeded, Some(m)) = (t.state, &t.manifest)
+                    && let Ok(table) = t.table.parse::<TableRef>()
+                {
+                    manifests.insert(
+                        t.table.clone(),
+                        manifest_to_pb(&to_domain_manifest(&table, m)),
+                    );
                 }
             }
         }

@@ -133,10 +133,11 @@ impl TaskRunner for Ingestor {
             .into_iter()
             .filter(|f| !seen.contains(&(f.display(), f.size, f.modified_us)))
             .collect();
-        if new_files.is_empty() && !task.full_refresh {
-            if let Some(snapshot) = &current {
-                return Ok(Manifest::of_snapshot(snapshot, false));
-            }
+        if new_files.is_empty()
+            && !task.full_refresh
+            && let Some(snapshot) = &current
+        {
+            return Ok(Manifest::of_snapshot(snapshot, false));
         }
 
         let ingested_at = chrono::Utc::now().timestamp_micros();
@@ -209,10 +210,10 @@ impl TaskRunner for Ingestor {
             Some(w) => w,
             None => {
                 // Only empty files (or none at all on a full refresh): commit an empty table.
-                if let Some(snapshot) = &current {
-                    if !task.full_refresh {
-                        return Ok(Manifest::of_snapshot(snapshot, false));
-                    }
+                if let Some(snapshot) = &current
+                    && !task.full_refresh
+                {
+                    return Ok(Manifest::of_snapshot(snapshot, false));
                 }
                 let schema = current
                     .as_ref()

@@ -70,10 +70,10 @@ impl LayerFlightService {
     /// Parses a descriptor path `[layer, table]` or `[layer, table, version]` (or `layer.table`).
     fn parse_path(descriptor: &FlightDescriptor) -> Result<(Layer, String, Option<i64>), Status> {
         let mut parts: Vec<String> = descriptor.path.clone();
-        if parts.len() == 1 {
-            if let Some((l, t)) = parts[0].clone().split_once('.') {
-                parts = vec![l.to_string(), t.to_string()];
-            }
+        if parts.len() == 1
+            && let Some((l, t)) = parts[0].clone().split_once('.')
+        {
+            parts = vec![l.to_string(), t.to_string()];
         }
         let bad = || {
             Status::invalid_argument(

@@ -768,8 +768,8 @@ async fn concurrent_retries_on_an_existing_table_commit_once() {
         a.write(simple_batch("a", &[txn])).await.unwrap();
         b.write(simple_batch("a", &[txn])).await.unwrap();
         let (ra, rb) = tokio::join!(
-            a.commit(spec(mode, "task", txn)),
-            b.commit(spec(mode, "task", txn))
+            a.commit(spec(mode.clone(), "task", txn)),
+            b.commit(spec(mode.clone(), "task", txn))
         );
         let outcomes = [ra, rb];
         // One commits; the other sees the conflict and reports the same task's success.

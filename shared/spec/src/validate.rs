@@ -103,10 +103,10 @@ pub fn sql_table_references(sql: &str) -> Result<BTreeSet<String>, String> {
     }
     let mut tables = BTreeSet::new();
     let _ = visit_relations(&statements[0], |name| {
-        if let Some(ObjectNamePart::Identifier(ident)) = name.0.last() {
-            if !ctes.contains(&ident.value) {
-                tables.insert(ident.value.clone());
-            }
+        if let Some(ObjectNamePart::Identifier(ident)) = name.0.last()
+            && !ctes.contains(&ident.value)
+        {
+            tables.insert(ident.value.clone());
         }
         ControlFlow::<()>::Continue(())
     });
@@ -121,16 +121,16 @@ struct Checker<'a> {
 impl Checker<'_> {
     fn expect_columns(&self, path: &str, expr: &str, available: &Columns) -> Result<(), SpecError> {
         let used = column_references(expr).map_err(|m| SpecError::new(path, m))?;
-        if let Some(available) = available {
-            if let Some(missing) = used.iter().find(|c| !available.contains(*c)) {
-                return Err(SpecError::new(
-                    path,
-                    format!(
-                        "unknown column `{missing}` (available: {})",
-                        join(available)
-                    ),
-                ));
-            }
+        if let Some(available) = available
+            && let Some(missing) = used.iter().find(|c| !available.contains(*c))
+        {
+            return Err(SpecError::new(
+                path,
+                format!(
+                    "unknown column `{missing}` (available: {})",
+                    join(available)
+                ),
+            ));
         }
         Ok(())
     }
