@@ -269,6 +269,32 @@ impl Cluster {
             .map(|r| r.into_inner())
     }
 
+    /// Starts a run without waiting for it: its id and its event stream from the first event.
+    pub async fn start_run(
+        &self,
+        pipeline: &str,
+    ) -> Result<(String, tonic::Streaming<pb::RunEvent>), tonic::Status> {
+        let mut client = self
+            .client()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let run = client
+            .trigger_run(pb::TriggerRunRequest {
+                pipeline: pipeline.into(),
+                full_refresh: false,
+                tables: vec![],
+            })
+            .await?
+            .into_inner();
+        let events = client
+            .watch_run(pb::WatchRunRequest {
+                run_id: run.id.clone(),
+            })
+            .await?
+            .into_inner();
+        Ok((run.id, events))
+    }
+
     /// Triggers a run and follows it to the end: the final run and every event seen.
     pub async fn run(
         &self,
@@ -363,6 +389,33 @@ impl Cluster {
             bail!("medallion gen-tpch failed: {status}");
         }
         Ok(())
+    }
+}
+
+/// Reads a run's events until one about `table` satisfies `wanted`.
+pub async fn wait_for_event(
+    events: &mut tonic::Streaming<pb::RunEvent>,
+    table: &str,
+    wanted: impl Fn(&pb::run_event::Event) -> bool,
+) {
+    use pb::run_event::Event;
+    loop {
+        let e = events
+            .message()
+            .await
+            .expect("event stream")
+            .unwrap_or_else(|| panic!("run ended before the awaited event of {table}"));
+        let Some(event) = &e.event else { continue };
+        let about = match event {
+            Event::TaskStarted(x) => x.table.as_ref(),
+            Event::TaskProgress(x) => x.table.as_ref(),
+            Event::TaskCommitted(x) => x.table.as_ref(),
+            Event::TaskFailed(x) => x.table.as_ref(),
+            _ => None,
+        };
+        if about.map(table_name).as_deref() == Some(table) && wanted(event) {
+            return;
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use medallion_proto::v1::{self as pb, run_event::Event};
-use medallion_tests::{Cluster, Service, reference, succeeded, table_name, task};
+use medallion_tests::{Cluster, Service, reference, succeeded, task, wait_for_event};
 
 /// A cluster with TPC-H data (lineitem and orders) and examples/tpch.yaml applied.
 async fn tpch_cluster(scale_factor: f64) -> Cluster {
@@ -19,43 +19,14 @@ async fn tpch_cluster(scale_factor: f64) -> Cluster {
     cluster
 }
 
-/// Waits in a run's event stream until `table` has started.
-async fn wait_started(events: &mut tonic::Streaming<pb::RunEvent>, table: &str) {
-    loop {
-        let e = events
-            .message()
-            .await
-            .expect("event stream")
-            .unwrap_or_else(|| panic!("run ended before {table} started"));
-        if let Some(Event::TaskStarted(s)) = &e.event
-            && s.table.as_ref().map(table_name).as_deref() == Some(table)
-        {
-            return;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn run_interrupted_by_coordinator_crash_is_resumed() {
     let mut cluster = tpch_cluster(0.05).await;
-    let mut client = cluster.client().await.expect("client");
-    let run = client
-        .trigger_run(pb::TriggerRunRequest {
-            pipeline: "tpch".into(),
-            full_refresh: false,
-            tables: vec![],
-        })
-        .await
-        .expect("trigger")
-        .into_inner();
-    let mut events = client
-        .watch_run(pb::WatchRunRequest {
-            run_id: run.id.clone(),
-        })
-        .await
-        .expect("watch")
-        .into_inner();
-    wait_started(&mut events, "silver.lineitem").await;
+    let (run_id, mut events) = cluster.start_run("tpch").await.expect("start run");
+    wait_for_event(&mut events, "silver.lineitem", |e| {
+        matches!(e, Event::TaskStarted(_))
+    })
+    .await;
     cluster.kill(Service::Coordinator).await;
     cluster
         .restart(Service::Coordinator)
@@ -63,7 +34,7 @@ async fn run_interrupted_by_coordinator_crash_is_resumed() {
         .expect("restart coordinator");
 
     let (run, _) = cluster
-        .follow(&run.id)
+        .follow(&run_id)
         .await
         .expect("follow the resumed run");
     assert!(succeeded(&run), "resumed run: {run:?}");
@@ -112,41 +83,24 @@ async fn run_interrupted_by_coordinator_crash_is_resumed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_reaches_the_running_task_and_one_run_at_a_time() {
     let cluster = tpch_cluster(0.05).await;
-    let mut client = cluster.client().await.expect("client");
-    let run = client
-        .trigger_run(pb::TriggerRunRequest {
-            pipeline: "tpch".into(),
-            full_refresh: false,
-            tables: vec![],
-        })
-        .await
-        .expect("trigger")
-        .into_inner();
-    let second = client
-        .trigger_run(pb::TriggerRunRequest {
-            pipeline: "tpch".into(),
-            full_refresh: false,
-            tables: vec![],
-        })
+    let (run_id, mut events) = cluster.start_run("tpch").await.expect("start run");
+    let second = cluster
+        .start_run("tpch")
         .await
         .expect_err("a second run while one is going");
     assert_eq!(second.code(), tonic::Code::FailedPrecondition, "{second:?}");
-
-    let mut events = client
-        .watch_run(pb::WatchRunRequest {
-            run_id: run.id.clone(),
-        })
-        .await
-        .expect("watch")
-        .into_inner();
-    wait_started(&mut events, "silver.lineitem").await;
+    wait_for_event(&mut events, "silver.lineitem", |e| {
+        matches!(e, Event::TaskStarted(_))
+    })
+    .await;
+    let mut client = cluster.client().await.expect("client");
     client
         .cancel_run(pb::CancelRunRequest {
-            run_id: run.id.clone(),
+            run_id: run_id.clone(),
         })
         .await
         .expect("cancel");
-    let (run, _) = cluster.follow(&run.id).await.expect("follow");
+    let (run, _) = cluster.follow(&run_id).await.expect("follow");
     assert_eq!(run.state, pb::RunState::Cancelled as i32, "{run:?}");
     for gold in ["gold.pricing_summary", "gold.monthly_revenue"] {
         let t = task(&run, gold);

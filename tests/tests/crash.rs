@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 
 use futures::StreamExt;
 use medallion_lake::{Lake, Layer};
-use medallion_proto::v1::{self as pb, run_event::Event};
-use medallion_tests::{Cluster, Service, reference, succeeded, table_name, task, values};
+use medallion_proto::v1::run_event::Event;
+use medallion_tests::{Cluster, Service, reference, succeeded, task, values, wait_for_event};
 
 /// Reads every row of the latest version of a table straight from the lake files.
 async fn lake_rows(lake: &Lake, layer: Layer, table: &str) -> (i64, usize) {
@@ -63,36 +63,13 @@ async fn refiner_killed_mid_write_recovers_without_duplicates() {
     )
     .expect("copy part 2");
     let expected_rows = reference::compute(&data).expect("reference").lineitems;
-    let mut client = cluster.client().await.expect("client");
-    let run = client
-        .trigger_run(pb::TriggerRunRequest {
-            pipeline: "tpch".into(),
-            full_refresh: false,
-            tables: vec![],
-        })
-        .await
-        .expect("trigger")
-        .into_inner();
-    let mut events = client
-        .watch_run(pb::WatchRunRequest {
-            run_id: run.id.clone(),
-        })
-        .await
-        .expect("watch")
-        .into_inner();
-    loop {
-        let e = events
-            .message()
-            .await
-            .expect("event stream")
-            .expect("run ended before silver.lineitem wrote");
-        if let Some(Event::TaskProgress(p)) = &e.event
-            && p.table.as_ref().map(table_name).as_deref() == Some("silver.lineitem")
-            && p.phase == "writing"
-        {
-            break;
-        }
-    }
+    let (run_id, mut events) = cluster.start_run("tpch").await.expect("start run");
+    wait_for_event(
+        &mut events,
+        "silver.lineitem",
+        |e| matches!(e, Event::TaskProgress(p) if p.phase == "writing"),
+    )
+    .await;
     cluster.kill(Service::Refiner).await;
 
     // Whatever the kill interrupted, the table is at a complete version: the old one or the new one.
@@ -106,7 +83,7 @@ async fn refiner_killed_mid_write_recovers_without_duplicates() {
         .restart(Service::Refiner)
         .await
         .expect("restart refiner");
-    let (run, _) = cluster.follow(&run.id).await.expect("follow");
+    let (run, _) = cluster.follow(&run_id).await.expect("follow");
     assert!(succeeded(&run), "run after restart: {run:?}");
     assert!(
         task(&run, "silver.lineitem").attempts >= 2,

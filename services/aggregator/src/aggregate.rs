@@ -4,13 +4,12 @@
 
 use std::collections::BTreeMap;
 
+use futures::StreamExt;
 use medallion_flight::FlightReader;
-use medallion_lake::{CommitOutcome, CommitSpec, Lake, Layer, WriteMode};
+use medallion_lake::{Lake, Layer, WriteMode};
 use medallion_server::CancellationToken;
 use medallion_spec::{GoldSpec, LoadMode, Pipeline, TableRef};
-use medallion_stage::{
-    Manifest, Progress, TAG_INPUTS, TaskError, TaskRequest, TaskRunner, recorded_inputs,
-};
+use medallion_stage::{Manifest, Progress, TaskError, TaskRequest, TaskRunner};
 use medallion_warehouse::{PostgresSink, QualifiedName};
 use polars::prelude::*;
 
@@ -59,6 +58,50 @@ fn warehouse_url(pipeline: &Pipeline) -> Result<Option<String>, TaskError> {
 }
 
 impl Aggregator {
+    /// Reads the silver inputs over Flight, computes the table and commits it.
+    async fn aggregate(
+        &self,
+        task: &TaskRequest,
+        spec: &GoldSpec,
+        progress: &Progress,
+        cancel: &CancellationToken,
+    ) -> Result<Manifest, TaskError> {
+        let reader = FlightReader::connect(&self.silver_flight)
+            .await
+            .map_err(TaskError::internal)?;
+        let mut inputs = BTreeMap::new();
+        for dep in task.dependencies() {
+            let m = task.inputs.get(&dep).ok_or_else(|| {
+                TaskError::internal(format!("no manifest for input {dep} in this run"))
+            })?;
+            progress.report(&format!("reading {dep}"), 0, 0, true);
+            let (schema, batches) = tokio::select! {
+                r = reader.read_all(&m.tickets) => r.map_err(TaskError::internal)?,
+                _ = cancel.cancelled() => return Err(TaskError::Cancelled),
+            };
+            let df = medallion_frames::frame_from_batches(&schema, &batches)
+                .map_err(TaskError::internal)?;
+            inputs.insert(dep, df);
+        }
+        progress.report("aggregating", 0, 0, true);
+        let gold_spec = spec.clone();
+        let gold = tokio::task::spawn_blocking(move || compute(&gold_spec, &inputs))
+            .await
+            .map_err(TaskError::internal)??;
+        progress.report("writing", gold.height() as u64, 0, true);
+        let commit = task.commit_spec(&task.table, WriteMode::Overwrite);
+        let outcome = medallion_frames::commit_frame(
+            &self.lake,
+            &task.table,
+            &gold,
+            task.input_tags(),
+            commit,
+        )
+        .await
+        .map_err(TaskError::internal)?;
+        Manifest::after_commit(&self.lake, &task.table, &outcome).await
+    }
+
     async fn load_warehouse(
         &self,
         task: &TaskRequest,
@@ -109,8 +152,6 @@ impl Aggregator {
     }
 }
 
-use futures::StreamExt;
-
 #[tonic::async_trait]
 impl TaskRunner for Aggregator {
     fn layer(&self) -> Layer {
@@ -130,96 +171,18 @@ impl TaskRunner for Aggregator {
             .ok_or_else(|| {
                 TaskError::Invalid(format!("no gold table named {}", task.table.name))
             })?;
-        let name = spec.name.clone();
-        let deps = task
-            .pipeline
-            .dag
-            .node(&task.table)
-            .map(|n| n.depends_on.clone())
-            .unwrap_or_default();
-        let input_versions: BTreeMap<String, i64> = deps
-            .iter()
-            .map(|d| (d.to_string(), task.inputs.get(d).map_or(-1, |m| m.version)))
-            .collect();
-
         let current = self
             .lake
-            .snapshot(Layer::Gold, &name, None)
+            .snapshot(Layer::Gold, &spec.name, None)
             .await
             .map_err(TaskError::internal)?;
-        let up_to_date = match &current {
-            Some(snapshot) => {
-                snapshot
-                    .app_version(&task.app_id())
-                    .await
-                    .map_err(TaskError::internal)?
-                    >= Some(task.run_sequence as i64)
-                    || (!task.full_refresh
-                        && recorded_inputs(snapshot).as_ref() == Some(&input_versions))
+        let manifest = match &current {
+            Some(snapshot) if task.is_done(snapshot, true).await? => {
+                Manifest::of_snapshot(snapshot, false)
             }
-            None => false,
-        };
-        let mut manifest = if let (true, Some(snapshot)) = (up_to_date, &current) {
-            Manifest::of_snapshot(snapshot, false)
-        } else {
-            let reader = FlightReader::connect(&self.silver_flight)
-                .await
-                .map_err(TaskError::internal)?;
-            let mut inputs = BTreeMap::new();
-            for dep in &deps {
-                let m = task.inputs.get(dep).ok_or_else(|| {
-                    TaskError::internal(format!("no manifest for input {dep} in this run"))
-                })?;
-                progress.report(&format!("reading {dep}"), 0, 0, true);
-                let (schema, batches) = tokio::select! {
-                    r = reader.read_all(&m.tickets) => r.map_err(TaskError::internal)?,
-                    _ = cancel.cancelled() => return Err(TaskError::Cancelled),
-                };
-                let df = medallion_frames::frame_from_batches(&schema, &batches)
-                    .map_err(TaskError::internal)?;
-                inputs.insert(dep.clone(), df);
-            }
-            progress.report("aggregating", 0, 0, true);
-            let gold_spec = spec.clone();
-            let gold = tokio::task::spawn_blocking(move || compute(&gold_spec, &inputs))
-                .await
-                .map_err(TaskError::internal)??;
-            progress.report("writing", gold.height() as u64, 0, true);
-            let tags = BTreeMap::from([(
-                TAG_INPUTS.to_string(),
-                serde_json::to_string(&input_versions).map_err(TaskError::internal)?,
-            )]);
-            let mut metadata = serde_json::Map::new();
-            metadata.insert("run_id".into(), task.run_id.clone().into());
-            metadata.insert("pipeline".into(), task.pipeline.spec.name.clone().into());
-            let commit = CommitSpec {
-                mode: WriteMode::Overwrite,
-                app_id: task.app_id(),
-                txn_version: task.run_sequence as i64,
-                metadata,
-            };
-            let outcome =
-                medallion_frames::commit_frame(&self.lake, Layer::Gold, &name, &gold, tags, commit)
-                    .await
-                    .map_err(TaskError::internal)?;
-            let snapshot = self
-                .lake
-                .snapshot(Layer::Gold, &name, None)
-                .await
-                .map_err(TaskError::internal)?
-                .ok_or_else(|| TaskError::internal(format!("gold.{name} vanished after commit")))?;
-            let mut manifest = Manifest::of_snapshot(
-                &snapshot,
-                matches!(outcome, CommitOutcome::Committed { .. }),
-            );
-            if let CommitOutcome::Committed { rows, bytes, .. } = outcome {
-                manifest.rows_written = rows.max(0) as u64;
-                manifest.bytes_written = bytes.max(0) as u64;
-            }
-            manifest
+            _ => self.aggregate(&task, &spec, &progress, &cancel).await?,
         };
         self.load_warehouse(&task, &spec, &progress).await?;
-        manifest.input_versions = input_versions;
         Ok(manifest)
     }
 }

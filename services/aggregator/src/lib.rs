@@ -37,32 +37,10 @@ pub struct Config {
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let lake = Lake::open(&config.lake, Default::default())?;
     let listener = medallion_server::bind(&config.listen).await?;
-    serve(lake, config.silver_flight, listener, shutdown).await
-}
-
-/// Serves on an already bound listener (tests bind port 0).
-pub async fn serve(
-    lake: Lake,
-    silver_flight: String,
-    listener: tokio::net::TcpListener,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let aggregator = aggregate::Aggregator {
+    let runner = aggregate::Aggregator {
         lake: lake.clone(),
-        silver_flight,
+        silver_flight: config.silver_flight,
     };
-    let stage = medallion_stage::StageServer::new(aggregator, shutdown.clone());
-    let flight = medallion_flight::LayerFlightService::new(lake, vec![Layer::Gold]);
-    let routes = tonic::service::Routes::new(stage.into_server()).add_service(flight.into_server());
-    medallion_server::serve(
-        listener,
-        routes,
-        &[
-            "medallion.v1.StageService",
-            "arrow.flight.protocol.FlightService",
-        ],
-        shutdown,
-    )
-    .await?;
+    medallion_stage::serve_layer(runner, lake, vec![Layer::Gold], listener, shutdown).await?;
     Ok(())
 }

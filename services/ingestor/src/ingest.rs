@@ -7,7 +7,7 @@ use arrow::{
     datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit},
     record_batch::RecordBatch,
 };
-use medallion_lake::{CommitOutcome, CommitSpec, Lake, TableSnapshot, WriteMode};
+use medallion_lake::{Lake, TableSnapshot, WriteMode};
 use medallion_server::CancellationToken;
 use medallion_spec::Layer;
 use medallion_stage::{Manifest, Progress, TaskError, TaskRequest, TaskRunner};
@@ -113,16 +113,11 @@ impl TaskRunner for Ingestor {
             .snapshot(Layer::Bronze, &name, None)
             .await
             .map_err(TaskError::internal)?;
-        if let Some(snapshot) = &current {
-            // A retry of a run that already committed must not ingest again.
-            if snapshot
-                .app_version(&task.app_id())
-                .await
-                .map_err(TaskError::internal)?
-                >= Some(task.run_sequence as i64)
-            {
-                return Ok(Manifest::of_snapshot(snapshot, false));
-            }
+        // A retry of a run that already committed must not ingest again.
+        if let Some(snapshot) = &current
+            && task.is_done(snapshot, false).await?
+        {
+            return Ok(Manifest::of_snapshot(snapshot, false));
         }
         let seen = if task.full_refresh {
             BTreeSet::new()
@@ -226,10 +221,6 @@ impl TaskRunner for Ingestor {
             }
         };
         progress.report("committing", rows, bytes, true);
-        let mut metadata = serde_json::Map::new();
-        metadata.insert("run_id".into(), task.run_id.clone().into());
-        metadata.insert("pipeline".into(), task.pipeline.spec.name.clone().into());
-        metadata.insert("source_files".into(), taken.len().into());
         // A source file delivered again with new content replaces its old rows in the same commit.
         let mode = match &current {
             _ if task.full_refresh => WriteMode::Overwrite,
@@ -253,28 +244,13 @@ impl TaskRunner for Ingestor {
                 }
             }
         };
-        let outcome = writer
-            .commit(CommitSpec {
-                mode,
-                app_id: task.app_id(),
-                txn_version: task.run_sequence as i64,
-                metadata,
-            })
-            .await
-            .map_err(TaskError::internal)?;
-        let snapshot = self
-            .lake
-            .snapshot(Layer::Bronze, &name, None)
-            .await
-            .map_err(TaskError::internal)?
-            .ok_or_else(|| TaskError::internal(format!("bronze.{name} vanished after commit")))?;
-        let mut manifest = Manifest::of_snapshot(
-            &snapshot,
-            matches!(outcome, CommitOutcome::Committed { .. }),
-        );
-        if let CommitOutcome::Committed { rows, bytes, .. } = outcome {
-            manifest.rows_written = rows.max(0) as u64;
-            manifest.bytes_written = bytes.max(0) as u64;
+        let mut commit = task.commit_spec(&task.table, mode);
+        commit
+            .metadata
+            .insert("source_files".into(), taken.len().into());
+        let outcome = writer.commit(commit).await.map_err(TaskError::internal)?;
+        let mut manifest = Manifest::after_commit(&self.lake, &task.table, &outcome).await?;
+        if manifest.committed {
             manifest.source_files = taken;
         }
         Ok(manifest)

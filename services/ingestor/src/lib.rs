@@ -29,30 +29,7 @@ pub struct Config {
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let lake = Lake::open(&config.lake, Default::default())?;
     let listener = medallion_server::bind(&config.listen).await?;
-    serve(lake, listener, shutdown).await
-}
-
-/// Serves on an already bound listener (tests bind port 0).
-pub async fn serve(
-    lake: Lake,
-    listener: tokio::net::TcpListener,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let stage = medallion_stage::StageServer::new(
-        ingest::Ingestor { lake: lake.clone() },
-        shutdown.clone(),
-    );
-    let flight = medallion_flight::LayerFlightService::new(lake, vec![Layer::Bronze]);
-    let routes = tonic::service::Routes::new(stage.into_server()).add_service(flight.into_server());
-    medallion_server::serve(
-        listener,
-        routes,
-        &[
-            "medallion.v1.StageService",
-            "arrow.flight.protocol.FlightService",
-        ],
-        shutdown,
-    )
-    .await?;
+    let runner = ingest::Ingestor { lake: lake.clone() };
+    medallion_stage::serve_layer(runner, lake, vec![Layer::Bronze], listener, shutdown).await?;
     Ok(())
 }

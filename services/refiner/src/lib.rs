@@ -32,35 +32,19 @@ pub struct Config {
     pub bronze_flight: String,
 }
 
-/// Serves the stage API and silver Flight until `shutdown` is cancelled.
+/// Serves the stage API and silver and quarantine Flight until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let lake = Lake::open(&config.lake, Default::default())?;
     let listener = medallion_server::bind(&config.listen).await?;
-    serve(lake, config.bronze_flight, listener, shutdown).await
-}
-
-/// Serves on an already bound listener (tests bind port 0).
-pub async fn serve(
-    lake: Lake,
-    bronze_flight: String,
-    listener: tokio::net::TcpListener,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let refiner = refine::Refiner {
+    let runner = refine::Refiner {
         lake: lake.clone(),
-        bronze_flight,
+        bronze_flight: config.bronze_flight,
     };
-    let stage = medallion_stage::StageServer::new(refiner, shutdown.clone());
-    let flight =
-        medallion_flight::LayerFlightService::new(lake, vec![Layer::Silver, Layer::Quarantine]);
-    let routes = tonic::service::Routes::new(stage.into_server()).add_service(flight.into_server());
-    medallion_server::serve(
+    medallion_stage::serve_layer(
+        runner,
+        lake,
+        vec![Layer::Silver, Layer::Quarantine],
         listener,
-        routes,
-        &[
-            "medallion.v1.StageService",
-            "arrow.flight.protocol.FlightService",
-        ],
         shutdown,
     )
     .await?;

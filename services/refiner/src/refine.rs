@@ -4,12 +4,10 @@
 use std::collections::BTreeMap;
 
 use medallion_flight::FlightReader;
-use medallion_lake::{CommitOutcome, CommitSpec, Lake, WriteMode};
+use medallion_lake::{Lake, WriteMode};
 use medallion_server::CancellationToken;
 use medallion_spec::{Layer, TableRef};
-use medallion_stage::{
-    Manifest, Progress, TAG_INPUTS, TaskError, TaskRequest, TaskRunner, recorded_inputs,
-};
+use medallion_stage::{Manifest, Progress, TaskError, TaskRequest, TaskRunner};
 use polars::prelude::DataFrame;
 
 use crate::transform;
@@ -91,43 +89,25 @@ impl TaskRunner for Refiner {
                 TaskError::Invalid(format!("no silver table named {}", task.table.name))
             })?;
         let name = spec.name.clone();
-        let deps = task
-            .pipeline
-            .dag
-            .node(&task.table)
-            .map(|n| n.depends_on.clone())
-            .unwrap_or_default();
-        let input_versions: BTreeMap<String, i64> = deps
-            .iter()
-            .map(|d| (d.to_string(), task.inputs.get(d).map_or(-1, |m| m.version)))
-            .collect();
-
         let current = self
             .lake
             .snapshot(Layer::Silver, &name, None)
             .await
             .map_err(TaskError::internal)?;
-        if let Some(snapshot) = &current {
-            let retried = snapshot
-                .app_version(&task.app_id())
-                .await
-                .map_err(TaskError::internal)?
-                >= Some(task.run_sequence as i64);
-            let unchanged =
-                !task.full_refresh && recorded_inputs(snapshot).as_ref() == Some(&input_versions);
-            if retried || unchanged {
-                return Ok(Manifest::of_snapshot(snapshot, false));
-            }
+        if let Some(snapshot) = &current
+            && task.is_done(snapshot, true).await?
+        {
+            return Ok(Manifest::of_snapshot(snapshot, false));
         }
 
         let mut inputs = BTreeMap::new();
-        for dep in &deps {
+        for dep in task.dependencies() {
             progress.report(&format!("reading {dep}"), 0, 0, true);
             let df = tokio::select! {
-                df = self.read_input(&task, dep) => df?,
+                df = self.read_input(&task, &dep) => df?,
                 _ = cancel.cancelled() => return Err(TaskError::Cancelled),
             };
-            inputs.insert(dep.clone(), df);
+            inputs.insert(dep, df);
         }
         let rows_in: usize = inputs.values().map(DataFrame::height).sum();
         progress.report("refining", rows_in as u64, 0, true);
@@ -138,69 +118,29 @@ impl TaskRunner for Refiner {
             return Err(TaskError::Cancelled);
         }
 
-        let tags = BTreeMap::from([(
-            TAG_INPUTS.to_string(),
-            serde_json::to_string(&input_versions).map_err(TaskError::internal)?,
-        )]);
-        let metadata = |table: &str| {
-            let mut m = serde_json::Map::new();
-            m.insert("run_id".into(), task.run_id.clone().into());
-            m.insert("pipeline".into(), task.pipeline.spec.name.clone().into());
-            m.insert("table".into(), table.into());
-            m
-        };
+        // Quarantine first: if the silver commit then fails, the retry finds it done.
         let mut quarantined_rows = 0;
         if let Some(q) = &refined.quarantine {
             progress.report("writing quarantine", q.height() as u64, 0, true);
             quarantined_rows = q.height() as u64;
-            let spec = CommitSpec {
-                mode: WriteMode::Overwrite,
-                app_id: format!("{}/quarantine", task.app_id()),
-                txn_version: task.run_sequence as i64,
-                metadata: metadata(&format!("quarantine.{name}")),
-            };
-            medallion_frames::commit_frame(
-                &self.lake,
-                Layer::Quarantine,
-                &name,
-                q,
-                tags.clone(),
-                spec,
-            )
-            .await
-            .map_err(TaskError::internal)?;
+            let table = TableRef::new(Layer::Quarantine, &name);
+            let commit = task.commit_spec(&table, WriteMode::Overwrite);
+            medallion_frames::commit_frame(&self.lake, &table, q, task.input_tags(), commit)
+                .await
+                .map_err(TaskError::internal)?;
         }
         progress.report("writing", refined.silver.height() as u64, 0, true);
-        let spec = CommitSpec {
-            mode: WriteMode::Overwrite,
-            app_id: task.app_id(),
-            txn_version: task.run_sequence as i64,
-            metadata: metadata(&format!("silver.{name}")),
-        };
+        let commit = task.commit_spec(&task.table, WriteMode::Overwrite);
         let outcome = medallion_frames::commit_frame(
             &self.lake,
-            Layer::Silver,
-            &name,
+            &task.table,
             &refined.silver,
-            tags,
-            spec,
+            task.input_tags(),
+            commit,
         )
         .await
         .map_err(TaskError::internal)?;
-        let snapshot = self
-            .lake
-            .snapshot(Layer::Silver, &name, None)
-            .await
-            .map_err(TaskError::internal)?
-            .ok_or_else(|| TaskError::internal(format!("silver.{name} vanished after commit")))?;
-        let mut manifest = Manifest::of_snapshot(
-            &snapshot,
-            matches!(outcome, CommitOutcome::Committed { .. }),
-        );
-        if let CommitOutcome::Committed { rows, bytes, .. } = outcome {
-            manifest.rows_written = rows.max(0) as u64;
-            manifest.bytes_written = bytes.max(0) as u64;
-        }
+        let mut manifest = Manifest::after_commit(&self.lake, &task.table, &outcome).await?;
         manifest.expectations = refined.expectations;
         manifest.quarantined_rows = quarantined_rows;
         Ok(manifest)

@@ -2,7 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use medallion_lake::{CommitOutcome, CommitSpec, Lake, Layer};
+use medallion_lake::{CommitOutcome, CommitSpec, Lake};
+use medallion_spec::TableRef;
 use polars::prelude::{DataFrame, DataType, IntoColumn};
 
 /// Rows per record batch written to Parquet.
@@ -17,18 +18,17 @@ pub enum CommitError {
     Lake(#[from] medallion_lake::Error),
 }
 
-/// Writes `df` to `layer/table` as one Delta commit, its data files tagged with `tags`.
+/// Writes `df` to `table` as one Delta commit, its data files tagged with `tags`.
 pub async fn commit_frame(
     lake: &Lake,
-    layer: Layer,
-    table: &str,
+    table: &TableRef,
     df: &DataFrame,
     tags: BTreeMap<String, String>,
     spec: CommitSpec,
 ) -> Result<CommitOutcome, CommitError> {
     let df = signed_integers(df)?;
     let (schema, batches) = crate::batches_from_frame(&df, WRITE_BATCH_ROWS)?;
-    let mut writer = lake.writer(layer, table, schema).await?;
+    let mut writer = lake.writer(table.layer, &table.name, schema).await?;
     for batch in batches {
         writer.write(batch).await?;
     }

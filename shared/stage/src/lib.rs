@@ -39,6 +39,71 @@ impl TaskRequest {
     pub fn app_id(&self) -> String {
         format!("medallion/{}/{}", self.pipeline.spec.name, self.table)
     }
+
+    /// The tables this task's table reads.
+    pub fn dependencies(&self) -> Vec<TableRef> {
+        self.pipeline
+            .dag
+            .node(&self.table)
+            .map(|n| n.depends_on.clone())
+            .unwrap_or_default()
+    }
+
+    /// The versions of this task's inputs in this run, by `layer.table` (-1 if not given).
+    pub fn input_versions(&self) -> BTreeMap<String, i64> {
+        self.dependencies()
+            .iter()
+            .map(|d| (d.to_string(), self.inputs.get(d).map_or(-1, |m| m.version)))
+            .collect()
+    }
+
+    /// Data-file tags recording the input versions a derived table was computed from.
+    pub fn input_tags(&self) -> BTreeMap<String, String> {
+        let versions = serde_json::to_string(&self.input_versions()).unwrap_or_default();
+        BTreeMap::from([(TAG_INPUTS.to_string(), versions)])
+    }
+
+    /// The commit of this task to `table` (its own table, or e.g. its quarantine).
+    pub fn commit_spec(
+        &self,
+        table: &TableRef,
+        mode: medallion_lake::WriteMode,
+    ) -> medallion_lake::CommitSpec {
+        let app_id = if *table == self.table {
+            self.app_id()
+        } else {
+            format!("{}/{}", self.app_id(), table.layer)
+        };
+        let mut metadata = serde_json::Map::new();
+        metadata.insert("run_id".into(), self.run_id.clone().into());
+        metadata.insert("pipeline".into(), self.pipeline.spec.name.clone().into());
+        metadata.insert("table".into(), table.to_string().into());
+        medallion_lake::CommitSpec {
+            mode,
+            app_id,
+            txn_version: self.run_sequence as i64,
+            metadata,
+        }
+    }
+
+    /// Whether `snapshot` already holds this task's result: this run committed it (a retry),
+    /// or, unless refreshing, it was computed from the same input versions.
+    pub async fn is_done(
+        &self,
+        snapshot: &medallion_lake::TableSnapshot,
+        derived: bool,
+    ) -> Result<bool, TaskError> {
+        let committed = snapshot
+            .app_version(&self.app_id())
+            .await
+            .map_err(TaskError::internal)?;
+        if committed >= Some(self.run_sequence as i64) {
+            return Ok(true);
+        }
+        Ok(derived
+            && !self.full_refresh
+            && recorded_inputs(snapshot) == Some(self.input_versions()))
+    }
 }
 
 /// What a task left behind.
@@ -72,6 +137,28 @@ impl Manifest {
             input_versions: recorded_inputs(snapshot).unwrap_or_default(),
             ..Manifest::default()
         }
+    }
+}
+
+impl Manifest {
+    /// The manifest after a commit: the table's new version plus what the commit wrote.
+    pub async fn after_commit(
+        lake: &medallion_lake::Lake,
+        table: &TableRef,
+        outcome: &medallion_lake::CommitOutcome,
+    ) -> Result<Manifest, TaskError> {
+        let snapshot = lake
+            .snapshot(table.layer, &table.name, None)
+            .await
+            .map_err(TaskError::internal)?
+            .ok_or_else(|| TaskError::internal(format!("{table} vanished after its commit")))?;
+        let mut manifest = Manifest::of_snapshot(&snapshot, false);
+        if let medallion_lake::CommitOutcome::Committed { rows, bytes, .. } = outcome {
+            manifest.committed = true;
+            manifest.rows_written = (*rows).max(0) as u64;
+            manifest.bytes_written = (*bytes).max(0) as u64;
+        }
+        Ok(manifest)
     }
 }
 
@@ -459,4 +546,28 @@ impl TryFrom<pb::RunTaskRequest> for TaskRequest {
             inputs,
         })
     }
+}
+
+/// Serves a layer service: the stage API over `runner` plus Arrow Flight for `flight_layers`
+/// of the lake, with health and reflection, until `shutdown` is cancelled.
+pub async fn serve_layer<R: TaskRunner>(
+    runner: R,
+    lake: medallion_lake::Lake,
+    flight_layers: Vec<Layer>,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), medallion_server::Error> {
+    let stage = StageServer::new(runner, shutdown.clone());
+    let flight = medallion_flight::LayerFlightService::new(lake, flight_layers);
+    let routes = tonic::service::Routes::new(stage.into_server()).add_service(flight.into_server());
+    medallion_server::serve(
+        listener,
+        routes,
+        &[
+            "medallion.v1.StageService",
+            "arrow.flight.protocol.FlightService",
+        ],
+        shutdown,
+    )
+    .await
 }
