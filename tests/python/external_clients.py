@@ -13,11 +13,13 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 
-def read_gold(flight_addr: str, layer: str, table: str) -> pa.Table:
+def read_gold(flight_addr: str, layer: str, table: str) -> tuple[pa.Table, list[str]]:
+    """The table, and the paths of every table the service lists."""
     client = flight.connect(f"grpc://{flight_addr}")
     info = client.get_flight_info(flight.FlightDescriptor.for_path(layer, table))
     parts = [client.do_get(endpoint.ticket).read_all() for endpoint in info.endpoints]
-    return pa.concat_tables(parts) if parts else info.schema.empty_table()
+    listed = [".".join(p.decode() for p in f.descriptor.path[:2]) for f in client.list_flights()]
+    return (pa.concat_tables(parts) if parts else info.schema.empty_table()), sorted(listed)
 
 
 def call(channel, pool, service: str, method: str, fields=None):
@@ -41,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
 
     layer, name = args.table.split(".", 1)
-    table = read_gold(args.aggregator, layer, name)
+    table, listed = read_gold(args.aggregator, layer, name)
 
     channel = grpc.insecure_channel(args.coordinator)
     pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
@@ -54,6 +56,7 @@ def main() -> None:
                 "rows": table.num_rows,
                 "columns": table.column_names,
                 "first": {k: str(v[0]) for k, v in table.to_pydict().items()} if table.num_rows else {},
+                "listed": listed,
                 "health": health.status,
                 "pipelines": sorted(p.name for p in pipelines.pipelines),
             }

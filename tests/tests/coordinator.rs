@@ -146,11 +146,40 @@ async fn schedule_fires_without_overlapping_runs() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    // Stop the schedule before checking.
+    // Stop the schedule before checking: a re-applied spec without it, then the pipeline deleted.
     cluster
         .apply("name: ticker\nsources:\n  - { name: ticks, format: csv, path: ticks.csv }\n")
         .await
         .expect("unschedule");
+    let p = client
+        .get_pipeline(pb::GetPipelineRequest {
+            name: "ticker".into(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!((p.revision, p.schedule.as_str()), (2, ""));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while client
+        .delete_pipeline(pb::DeletePipelineRequest {
+            name: "ticker".into(),
+        })
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "could not delete the pipeline"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await; // a last scheduled run may be finishing
+    }
+    let gone = client
+        .get_pipeline(pb::GetPipelineRequest {
+            name: "ticker".into(),
+        })
+        .await
+        .expect_err("deleted");
+    assert_eq!(gone.code(), tonic::Code::NotFound);
     let mut finished: Vec<&pb::Run> = runs.iter().filter(|r| r.finished_at_ms > 0).collect();
     finished.sort_by_key(|r| r.created_at_ms);
     for r in &finished {

@@ -63,6 +63,11 @@ async fn pyarrow_flight_and_grpc_reflection_clients() {
     assert_eq!(report["columns"], serde_json::json!(["region", "total"]));
     assert_eq!(report["first"]["region"], "eu");
     assert_eq!(report["first"]["total"], "11.75");
+    assert_eq!(
+        report["listed"],
+        serde_json::json!(["gold.sales_by_region"]),
+        "ListFlights"
+    );
     assert_eq!(report["health"].as_i64(), Some(1), "health status SERVING");
     assert_eq!(report["pipelines"], serde_json::json!(["sales"]));
 }
