@@ -71,12 +71,10 @@ impl Aggregator {
             .map_err(TaskError::internal)?;
         let mut inputs = BTreeMap::new();
         for dep in task.dependencies() {
-            let m = task.inputs.get(&dep).ok_or_else(|| {
-                TaskError::internal(format!("no manifest for input {dep} in this run"))
-            })?;
+            let tickets = task.input_tickets(&dep)?;
             progress.report(&format!("reading {dep}"), 0, 0, true);
             let (schema, batches) = tokio::select! {
-                r = reader.read_all(&m.tickets) => r.map_err(TaskError::internal)?,
+                r = reader.read_all(&tickets) => r.map_err(TaskError::internal)?,
                 _ = cancel.cancelled() => return Err(TaskError::Cancelled),
             };
             let df = medallion_frames::frame_from_batches(&schema, &batches)

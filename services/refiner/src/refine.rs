@@ -24,39 +24,42 @@ impl Refiner {
         task: &TaskRequest,
         table: &TableRef,
     ) -> Result<DataFrame, TaskError> {
-        let manifest = task.inputs.get(table).ok_or_else(|| {
-            TaskError::Internal(format!("no manifest for input {table} in this run"))
-        })?;
+        let tickets = task.input_tickets(table)?;
         let (schema, batches) = match table.layer {
             Layer::Bronze => {
                 let reader = FlightReader::connect(&self.bronze_flight)
                     .await
                     .map_err(TaskError::internal)?;
                 reader
-                    .read_all(&manifest.tickets)
+                    .read_all(&tickets)
                     .await
                     .map_err(TaskError::internal)?
             }
+            // Silver is this service's own layer: read it from the lake directly.
             Layer::Silver => {
+                let version = tickets.first().map(|t| t.version);
                 let snapshot = self
                     .lake
-                    .snapshot(Layer::Silver, &table.name, Some(manifest.version))
+                    .snapshot(Layer::Silver, &table.name, version)
                     .await
                     .map_err(TaskError::internal)?
-                    .ok_or_else(|| {
-                        TaskError::internal(format!(
-                            "{table} version {} is missing",
-                            manifest.version
-                        ))
-                    })?;
+                    .ok_or_else(|| TaskError::internal(format!("{table} is missing")))?;
+                let columns = task.pipeline.columns_read(&task.table, table);
                 let mut batches = Vec::new();
                 for file in &snapshot.files {
-                    let mut stream = self.lake.read_file(&snapshot, file, 64 * 1024);
+                    let mut stream = match &columns {
+                        Some(c) => self.lake.read_file_columns(&snapshot, file, 64 * 1024, c),
+                        None => self.lake.read_file(&snapshot, file, 64 * 1024),
+                    };
                     while let Some(batch) = futures::StreamExt::next(&mut stream).await {
                         batches.push(batch.map_err(TaskError::internal)?);
                     }
                 }
-                (snapshot.schema.clone(), batches)
+                let schema = match &columns {
+                    Some(c) => snapshot.projected_schema(c),
+                    None => snapshot.schema.clone(),
+                };
+                (schema, batches)
             }
             other => {
                 return Err(TaskError::Invalid(format!(

@@ -25,6 +25,9 @@ pub struct TableTicket {
     /// Index into the version's data files (sorted by path); `None` reads them all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partition: Option<usize>,
+    /// Only these columns (in table order; unknown names are ignored); `None` reads all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub columns: Option<Vec<String>>,
 }
 
 impl TableTicket {
@@ -33,6 +36,14 @@ impl TableTicket {
         serde_json::to_vec(self)
             .map(bytes::Bytes::from)
             .unwrap_or_default()
+    }
+
+    /// The same ticket reading only `columns` (projection pushed down to the Parquet reader).
+    pub fn with_columns(&self, columns: Option<Vec<String>>) -> TableTicket {
+        TableTicket {
+            columns,
+            ..self.clone()
+        }
     }
 
     pub fn decode(bytes: &[u8]) -> Result<TableTicket> {
@@ -46,6 +57,7 @@ impl TableTicket {
             table: snapshot.table.clone(),
             version: snapshot.version,
             partition: None,
+            columns: None,
         };
         if snapshot.files.is_empty() {
             return vec![whole];

@@ -200,10 +200,17 @@ impl FlightService for LayerFlightService {
         };
         tracing::debug!(table = %ticket.table, version = ticket.version, files = files.len(), "DoGet");
         let lake = self.lake.clone();
-        let schema = snapshot.schema.clone();
+        let columns = ticket.columns.clone();
+        let schema = match &columns {
+            Some(c) => snapshot.projected_schema(c),
+            None => snapshot.schema.clone(),
+        };
         // One file at a time, batch by batch: memory stays bounded by a few batches.
         let batches = stream::iter(files)
-            .map(move |file| lake.read_file(&snapshot, &file, READ_BATCH_ROWS))
+            .map(move |file| match &columns {
+                Some(c) => lake.read_file_columns(&snapshot, &file, READ_BATCH_ROWS, c),
+                None => lake.read_file(&snapshot, &file, READ_BATCH_ROWS),
+            })
             .flatten()
             .map_err(|e| FlightError::ExternalError(Box::new(e)));
         let encoded = FlightDataEncoderBuilder::new()

@@ -182,7 +182,24 @@ impl Lake {
         file: &DataFile,
         batch_size: usize,
     ) -> BoxStream<'static, Result<RecordBatch>> {
-        read::read_file(snapshot, file, batch_size)
+        read::read_file(snapshot, file, batch_size, None)
+    }
+
+    /// Like [`Lake::read_file`], decoding only `columns` (in table order; unknown names are
+    /// ignored), so readers that need a few columns do not pay for the rest.
+    pub fn read_file_columns(
+        &self,
+        snapshot: &TableSnapshot,
+        file: &DataFile,
+        batch_size: usize,
+        columns: &[String],
+    ) -> BoxStream<'static, Result<RecordBatch>> {
+        read::read_file(
+            snapshot,
+            file,
+            batch_size,
+            Some(snapshot.column_indices(columns)),
+        )
     }
 
     /// An unloaded handle on a table's log store.
@@ -262,6 +279,24 @@ impl TableSnapshot {
     /// Rows in the snapshot, or `None` if some file has no row count in its stats.
     pub fn total_rows(&self) -> Option<i64> {
         self.files.iter().map(|f| f.rows).sum()
+    }
+
+    /// Positions of `columns` in the table schema, in table order; unknown names are skipped.
+    pub fn column_indices(&self, columns: &[String]) -> Vec<usize> {
+        (0..self.schema.fields().len())
+            .filter(|&i| columns.iter().any(|c| c == self.schema.field(i).name()))
+            .collect()
+    }
+
+    /// The schema of the table restricted to `columns` (in table order).
+    pub fn projected_schema(&self, columns: &[String]) -> SchemaRef {
+        let indices = self.column_indices(columns);
+        // Indices come from this schema, so the projection cannot fail.
+        Arc::new(
+            self.schema
+                .project(&indices)
+                .unwrap_or_else(|_| (*self.schema).clone()),
+        )
     }
 
     /// Bytes of parquet data in the snapshot.

@@ -11,9 +11,9 @@ use futures::channel::mpsc;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{FutureExt as _, SinkExt as _, StreamExt as _};
-use parquet::arrow::ParquetRecordBatchStreamBuilder;
 use parquet::arrow::arrow_reader::ArrowReaderOptions;
 use parquet::arrow::async_reader::AsyncFileReader;
+use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
 use parquet::errors::ParquetError;
 use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 
@@ -26,6 +26,7 @@ pub(crate) fn read_file(
     snapshot: &TableSnapshot,
     file: &DataFile,
     batch_size: usize,
+    projection: Option<Vec<usize>>,
 ) -> BoxStream<'static, Result<RecordBatch>> {
     let (layer, table, file_path) = (snapshot.layer, snapshot.table.clone(), file.path.clone());
     let read_error = {
@@ -72,8 +73,18 @@ pub(crate) fn read_file(
         runtime.block_on(async move {
             let stream = match ParquetRecordBatchStreamBuilder::new_with_options(reader, options)
                 .await
-                .and_then(|b| b.with_batch_size(batch_size).build())
-            {
+                .and_then(|b| {
+                    // Only the asked-for top-level columns are decoded.
+                    let b = match &projection {
+                        Some(roots) => {
+                            let mask =
+                                ProjectionMask::roots(b.parquet_schema(), roots.iter().copied());
+                            b.with_projection(mask)
+                        }
+                        None => b,
+                    };
+                    b.with_batch_size(batch_size).build()
+                }) {
                 Ok(stream) => stream,
                 Err(e) => {
                     let _ = tx.send(Err(read_error(e))).await;

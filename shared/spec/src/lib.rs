@@ -8,7 +8,7 @@ mod model;
 mod validate;
 
 pub use model::*;
-pub use validate::{Dag, DagNode, column_references, sql_table_references};
+pub use validate::{Dag, DagNode, column_references, sql_column_references, sql_table_references};
 
 /// A spec problem, located by the path of the field at fault (e.g. `silver[1].expectations[0].expr`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,6 +78,41 @@ impl Pipeline {
 
 #[cfg(test)]
 mod tests;
+
+impl Pipeline {
+    /// The columns `table` reads from its input `input`, so readers can skip the rest;
+    /// `None` when it may read any of them.
+    pub fn columns_read(&self, table: &TableRef, input: &TableRef) -> Option<Vec<String>> {
+        let mut wanted = std::collections::BTreeSet::new();
+        match table.layer {
+            Layer::Silver => {
+                let silver = self.silver(&table.name)?;
+                if silver.sql.is_some() {
+                    return None;
+                }
+                if silver.from.as_ref() == Some(input) {
+                    for col in silver.columns.as_ref()? {
+                        match &col.expr {
+                            Some(expr) => wanted.extend(column_references(expr).ok()?),
+                            None => {
+                                wanted.insert(col.from.clone().unwrap_or_else(|| col.name.clone()));
+                            }
+                        }
+                    }
+                }
+                if let Some(join) = silver.join.as_ref().filter(|j| &j.with == input) {
+                    wanted.extend(join.on.iter().map(|k| k.right.clone()));
+                    wanted.extend(join.columns.clone()?);
+                }
+            }
+            Layer::Gold => {
+                wanted = sql_column_references(&self.gold(&table.name)?.query()).ok()??
+            }
+            Layer::Bronze | Layer::Quarantine => return None,
+        }
+        Some(wanted.into_iter().collect())
+    }
+}
 
 impl GoldSpec {
     /// The polars SQL that computes this table: its `sql`, or the group-by form written as SQL.

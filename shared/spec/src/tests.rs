@@ -108,3 +108,35 @@ fn group_by_form_becomes_sql() {
         "SELECT \"day\", sum(amount) AS \"total\" FROM \"orders\" GROUP BY \"day\" ORDER BY \"day\""
     );
 }
+
+#[test]
+fn columns_read_are_what_a_table_uses() {
+    let p = Pipeline::parse(BASE).expect("valid spec");
+    let silver = TableRef::new(Layer::Silver, "orders");
+    let bronze = TableRef::new(Layer::Bronze, "orders");
+    assert_eq!(
+        p.columns_read(&silver, &bronze),
+        Some(vec!["amount".into(), "day".into(), "id".into()])
+    );
+    let big = TableRef::new(Layer::Silver, "big_orders");
+    assert_eq!(
+        p.columns_read(&big, &silver),
+        None,
+        "no `columns`: reads everything"
+    );
+    let daily = TableRef::new(Layer::Gold, "daily");
+    assert_eq!(
+        p.columns_read(&daily, &silver),
+        Some(vec!["amount".into(), "day".into()])
+    );
+    assert_eq!(
+        crate::sql_column_references("SELECT * FROM t").expect("sql"),
+        None
+    );
+    let used = crate::sql_column_references(
+        "WITH x AS (SELECT a, b * 2 AS c FROM t) SELECT count(*), sum(c) FROM x",
+    )
+    .expect("sql")
+    .expect("columns");
+    assert!(used.contains("a") && used.contains("b"), "{used:?}");
+}

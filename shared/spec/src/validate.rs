@@ -7,7 +7,10 @@ use std::{
 };
 
 use sqlparser::{
-    ast::{Expr, ObjectNamePart, visit_expressions, visit_relations},
+    ast::{
+        Expr, ObjectNamePart, Query, SelectItem, SetExpr, Visit, Visitor, visit_expressions,
+        visit_relations,
+    },
     dialect::GenericDialect,
     parser::Parser,
 };
@@ -79,6 +82,60 @@ pub fn column_references(expr: &str) -> Result<BTreeSet<String>, String> {
         ControlFlow::<()>::Continue(())
     });
     Ok(columns)
+}
+
+/// The column names a SQL query may read: every identifier in it (aliases too, which only
+/// over-approximates). `None` when only the data can tell: `*`, `USING` or `NATURAL` joins.
+pub fn sql_column_references(sql: &str) -> Result<Option<BTreeSet<String>>, String> {
+    fn selects_all(body: &SetExpr) -> bool {
+        match body {
+            SetExpr::Select(select) => select.projection.iter().any(|i| {
+                matches!(
+                    i,
+                    SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..)
+                )
+            }),
+            SetExpr::Query(q) => selects_all(&q.body),
+            SetExpr::SetOperation { left, right, .. } => selects_all(left) || selects_all(right),
+            _ => false,
+        }
+    }
+    struct Identifiers {
+        names: BTreeSet<String>,
+        all: bool,
+    }
+    impl Visitor for Identifiers {
+        type Break = ();
+        fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+            self.all |= selects_all(&query.body);
+            ControlFlow::Continue(())
+        }
+        fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+            match expr {
+                Expr::Identifier(ident) => {
+                    self.names.insert(ident.value.clone());
+                }
+                Expr::CompoundIdentifier(parts) => {
+                    if let Some(last) = parts.last() {
+                        self.names.insert(last.value.clone());
+                    }
+                }
+                _ => {}
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let statements =
+        Parser::parse_sql(&GenericDialect {}, sql).map_err(|e| format!("not valid SQL: {e}"))?;
+    let upper = sql.to_ascii_uppercase();
+    let mut found = Identifiers {
+        names: BTreeSet::new(),
+        all: upper.contains("USING") || upper.contains("NATURAL"),
+    };
+    for statement in &statements {
+        let _ = statement.visit(&mut found);
+    }
+    Ok((!found.all).then_some(found.names))
 }
 
 /// Parses SQL query text and returns the table names it reads (CTE names excluded).

@@ -57,6 +57,20 @@ impl TaskRequest {
             .collect()
     }
 
+    /// Flight tickets for what this task needs of `input`: the version this run produced,
+    /// and only the columns the task's table uses.
+    pub fn input_tickets(&self, input: &TableRef) -> Result<Vec<TableTicket>, TaskError> {
+        let manifest = self.inputs.get(input).ok_or_else(|| {
+            TaskError::Internal(format!("no manifest for input {input} in this run"))
+        })?;
+        let columns = self.pipeline.columns_read(&self.table, input);
+        Ok(manifest
+            .tickets
+            .iter()
+            .map(|t| t.with_columns(columns.clone()))
+            .collect())
+    }
+
     /// Data-file tags recording the input versions a derived table was computed from.
     pub fn input_tags(&self) -> BTreeMap<String, String> {
         let versions = serde_json::to_string(&self.input_versions()).unwrap_or_default();
