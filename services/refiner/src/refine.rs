@@ -103,6 +103,7 @@ impl TaskRunner for Refiner {
             return Ok(Manifest::of_snapshot(snapshot, false));
         }
 
+        let started = std::time::Instant::now();
         let mut inputs = BTreeMap::new();
         for dep in task.dependencies() {
             progress.report(&format!("reading {dep}"), 0, 0, true);
@@ -114,12 +115,14 @@ impl TaskRunner for Refiner {
         }
         let rows_in: usize = inputs.values().map(DataFrame::height).sum();
         progress.report("refining", rows_in as u64, 0, true);
+        let read_secs = started.elapsed().as_secs_f64();
         let refined = tokio::task::spawn_blocking(move || transform::refine(&spec, &inputs))
             .await
             .map_err(TaskError::internal)??;
         if cancel.is_cancelled() {
             return Err(TaskError::Cancelled);
         }
+        let refine_secs = started.elapsed().as_secs_f64() - read_secs;
 
         // Quarantine first: if the silver commit then fails, the retry finds it done.
         let mut quarantined_rows = 0;
@@ -144,6 +147,8 @@ impl TaskRunner for Refiner {
         .await
         .map_err(TaskError::internal)?;
         let mut manifest = Manifest::after_commit(&self.lake, &task.table, &outcome).await?;
+        let write_secs = started.elapsed().as_secs_f64() - read_secs - refine_secs;
+        tracing::info!(table = %task.table, read_secs, refine_secs, write_secs, "refined");
         manifest.expectations = refined.expectations;
         manifest.quarantined_rows = quarantined_rows;
         Ok(manifest)

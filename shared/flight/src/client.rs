@@ -2,8 +2,11 @@
 
 use arrow::{datatypes::SchemaRef, record_batch::RecordBatch};
 use arrow_flight::{FlightClient, Ticket};
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{StreamExt, TryStreamExt};
 use tonic::transport::{Channel, Endpoint};
+
+/// Partitions of one table read at once.
+const PARALLEL_PARTITIONS: usize = 4;
 
 use crate::{Error, Result, TableTicket};
 
@@ -47,64 +50,59 @@ impl FlightReader {
         FlightClient::new_from_inner(inner)
     }
 
-    /// Streams the batches of one ticket.
-    pub async fn stream(
+    /// Reads one ticket into memory: its schema and batches.
+    async fn read_one(
         &self,
         ticket: &TableTicket,
-    ) -> Result<impl Stream<Item = Result<RecordBatch>> + Send + 'static> {
+    ) -> Result<(Option<SchemaRef>, Vec<RecordBatch>)> {
         let what = format!("{}.{}@{}", ticket.layer, ticket.table, ticket.version);
-        let endpoint = self.endpoint.clone();
-        let err = {
-            let (endpoint, what) = (endpoint.clone(), what.clone());
-            move |source| Error::Read {
-                endpoint: endpoint.clone(),
-                what: what.clone(),
-                source,
-            }
+        let error = |source| Error::Read {
+            endpoint: self.endpoint.clone(),
+            what: what.clone(),
+            source,
         };
-        let stream = self
+        let mut stream = self
             .client()
             .do_get(Ticket::new(ticket.encode()))
             .await
-            .map_err(err.clone())?;
-        Ok(stream.map_err(err))
+            .map_err(error)?;
+        let mut batches = Vec::new();
+        while let Some(batch) = stream.next().await {
+            batches.push(batch.map_err(error)?);
+        }
+        Ok((stream.schema().cloned(), batches))
     }
 
-    /// Reads every ticket (in order) into memory, with the schema even when there are no rows.
+    /// Reads every ticket into memory (batches in ticket order), a few partitions at a time
+    /// so decoding on the serving side runs in parallel; the schema comes even without rows.
     pub async fn read_all(&self, tickets: &[TableTicket]) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+        // Owned reader and tickets in the stream: its future stays `Send` for any caller.
+        let reader = self.clone();
+        let parts: Vec<_> = futures::stream::iter(tickets.to_vec())
+            .map(move |ticket| {
+                let reader = reader.clone();
+                async move { reader.read_one(&ticket).await }
+            })
+            .buffered(PARALLEL_PARTITIONS)
+            .try_collect()
+            .await?;
         let mut schema: Option<SchemaRef> = None;
         let mut batches = Vec::new();
-        for ticket in tickets {
-            let what = format!("{}.{}@{}", ticket.layer, ticket.table, ticket.version);
-            let mut client = self.client();
-            let mut stream =
-                client
-                    .do_get(Ticket::new(ticket.encode()))
-                    .await
-                    .map_err(|source| Error::Read {
-                        endpoint: self.endpoint.clone(),
-                        what: what.clone(),
-                        source,
-                    })?;
-            while let Some(batch) = stream.next().await {
-                let batch = batch.map_err(|source| Error::Read {
-                    endpoint: self.endpoint.clone(),
-                    what: what.clone(),
-                    source,
-                })?;
-                batches.push(batch);
-            }
-            let got = stream.schema().cloned();
+        for (got, part) in parts {
             match (&schema, got) {
                 (None, Some(s)) => schema = Some(s),
                 (Some(a), Some(b)) if a.fields() != b.fields() => {
                     return Err(Error::Schema {
-                        what,
+                        what: tickets
+                            .first()
+                            .map(|t| format!("{}.{}", t.layer, t.table))
+                            .unwrap_or_default(),
                         detail: format!("{a:?} vs {b:?}"),
                     });
                 }
                 _ => {}
             }
+            batches.extend(part);
         }
         let schema = schema.ok_or_else(|| Error::Schema {
             what: "tickets".into(),
