@@ -164,7 +164,7 @@ async fn in_process_path(
                 Layer::Silver => {
                     let spec = pipeline.silver(name).context("silver")?.clone();
                     tokio::task::spawn_blocking(move || {
-                        medallion_refiner::transform::refine(&spec, &inputs)
+                        medallion_refiner::transform::refine(&spec, inputs)
                     })
                     .await??
                     .silver

@@ -116,7 +116,7 @@ impl TaskRunner for Refiner {
         let rows_in: usize = inputs.values().map(DataFrame::height).sum();
         progress.report("refining", rows_in as u64, 0, true);
         let read_secs = started.elapsed().as_secs_f64();
-        let refined = tokio::task::spawn_blocking(move || transform::refine(&spec, &inputs))
+        let refined = tokio::task::spawn_blocking(move || transform::refine(&spec, inputs))
             .await
             .map_err(TaskError::internal)??;
         if cancel.is_cancelled() {

@@ -84,20 +84,22 @@ fn column_expr(
 }
 
 /// Refines `spec` from its input frames (keyed by table).
+///
+/// The inputs are consumed: an input's raw (string) columns are freed as soon as they are typed.
 pub fn refine(
     spec: &SilverSpec,
-    inputs: &BTreeMap<TableRef, DataFrame>,
+    mut inputs: BTreeMap<TableRef, DataFrame>,
 ) -> Result<Refined, TaskError> {
     let t = spec.name.as_str();
     if let Some(sql) = &spec.sql {
-        let ctx = polars::sql::SQLContext::new();
-        // Plain names in silver SQL mean the bronze table of that name, else the silver one.
-        for layer in [Layer::Silver, Layer::Bronze] {
-            for (table, df) in inputs.iter().filter(|(k, _)| k.layer == layer) {
-                ctx.register(&table.name, df.clone().lazy());
-            }
+        let mut ctx = polars::sql::SQLContext::new();
+        // Plain names in silver SQL mean the bronze table of that name, else the silver one:
+        // bronze is registered last so it wins.
+        let mut tables: Vec<_> = inputs.into_iter().collect();
+        tables.sort_by_key(|(table, _)| table.layer == Layer::Bronze);
+        for (table, df) in tables {
+            ctx.register(&table.name, df.lazy());
         }
-        let mut ctx = ctx;
         let silver = ctx
             .execute(sql)
             .and_then(|lf| lf.collect())
@@ -112,16 +114,29 @@ pub fn refine(
         .from
         .as_ref()
         .ok_or_else(|| invalid(t, "from", "missing"))?;
-    let input = inputs
-        .get(from)
-        .ok_or_else(|| TaskError::Internal(format!("silver.{t}: input {from} was not read")))?;
-    let mut lf = input.clone().lazy();
-    if let Some(cols) = &spec.columns {
-        let exprs = cols
-            .iter()
-            .enumerate()
-            .map(|(i, c)| column_expr(t, i, c, input))
-            .collect::<Result<Vec<_>, _>>()?;
+    let joined_with_itself = spec.join.as_ref().is_some_and(|j| &j.with == from);
+    let input = if joined_with_itself {
+        inputs.get(from).cloned()
+    } else {
+        inputs.remove(from)
+    }
+    .ok_or_else(|| TaskError::Internal(format!("silver.{t}: input {from} was not read")))?;
+    let input_names: Vec<String> = input
+        .get_column_names()
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    let exprs = match &spec.columns {
+        Some(cols) => Some(
+            cols.iter()
+                .enumerate()
+                .map(|(i, c)| column_expr(t, i, c, &input))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        None => None,
+    };
+    let mut lf = input.lazy();
+    if let Some(exprs) = exprs {
         lf = lf.select(exprs);
     }
     if let Some(filter) = &spec.filter {
@@ -190,11 +205,7 @@ pub fn refine(
         let mut keep_cols: Vec<Expr> = Vec::new();
         let left_names: Vec<String> = match &spec.columns {
             Some(cols) => cols.iter().map(|c| c.name.clone()).collect(),
-            None => input
-                .get_column_names()
-                .iter()
-                .map(|c| c.to_string())
-                .collect(),
+            None => input_names.clone(),
         };
         keep_cols.extend(left_names.iter().map(|c| col(c.as_str())));
         keep_cols.extend(taken.iter().map(|c| col(c.as_str())));
