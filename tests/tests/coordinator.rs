@@ -102,6 +102,16 @@ async fn cancel_reaches_the_running_task_and_one_run_at_a_time() {
         .expect("cancel");
     let (run, _) = cluster.follow(&run_id).await.expect("follow");
     assert_eq!(run.state, pb::RunState::Cancelled as i32, "{run:?}");
+    let silver = task(&run, "silver.lineitem");
+    assert_eq!(
+        silver.state,
+        pb::TaskState::Cancelled as i32,
+        "the running task was not cancelled: {silver:?}"
+    );
+    assert!(
+        silver.manifest.is_none(),
+        "a cancelled task reported a commit"
+    );
     for gold in ["gold.pricing_summary", "gold.monthly_revenue"] {
         let t = task(&run, gold);
         assert_eq!(

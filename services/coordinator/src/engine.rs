@@ -161,6 +161,23 @@ impl Engine {
         let pipeline = Pipeline::parse(spec_yaml)?;
         let name = pipeline.spec.name.clone();
         let mut state = self.state();
+        // Tables live at <lake>/<layer>/<name>: two pipelines must not write the same one.
+        for other in state.pipelines.values().filter(|p| p.name != name) {
+            let Ok(theirs) = Pipeline::parse(&other.spec_yaml) else {
+                continue;
+            };
+            if let Some(node) = pipeline
+                .dag
+                .nodes
+                .iter()
+                .find(|n| theirs.dag.node(&n.table).is_some())
+            {
+                return Err(EngineError::InvalidArgument(format!(
+                    "table {} is already written by pipeline `{}`; tables share one lake namespace, so rename it",
+                    node.table, other.name
+                )));
+            }
+        }
         let revision = state.pipelines.get(&name).map_or(1, |p| p.revision + 1);
         let last_tick_ms = state.pipelines.get(&name).and_then(|p| p.last_tick_ms);
         let record = PipelineRecord {
@@ -338,12 +355,33 @@ impl Engine {
 
     pub fn cancel(&self, id: &str) -> Result<RunRecord> {
         let run = self.run(id)?;
-        if !run.state.is_finished()
-            && let Some(live) = self.live.lock().unwrap_or_else(|p| p.into_inner()).get(id)
-        {
-            live.cancel.cancel();
+        if run.state.is_finished() {
+            return Ok(run);
         }
-        Ok(run)
+        let live = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|l| l.cancel.clone());
+        match live {
+            // The executor marks the tasks and finishes the run.
+            Some(token) => token.cancel(),
+            // Not executing (e.g. waiting for a resume): nothing runs, so finish it here.
+            None => {
+                self.record(id, None, |r| {
+                    for t in r
+                        .tasks
+                        .iter_mut()
+                        .filter(|t| matches!(t.state, TaskState::Pending | TaskState::Running))
+                    {
+                        t.state = TaskState::Cancelled;
+                    }
+                });
+                self.finish(id, RunState::Cancelled, Some("cancelled".into()));
+            }
+        }
+        self.run(id)
     }
 
     /// Stored events of a run and, if it is still going, a receiver of the live ones.
@@ -383,7 +421,11 @@ impl Engine {
                 }
                 e
             });
-            if let Err(e) = self.store.save_run(run) {
+            // Progress ticks are live only: nothing to persist.
+            let progress_only = announced
+                .as_ref()
+                .is_some_and(|e| matches!(e.kind, EventKind::TaskProgress { .. }));
+            if !progress_only && let Err(e) = self.store.save_run(run) {
                 tracing::error!("cannot persist run {run_id}: {e}");
             }
             announced
@@ -464,6 +506,8 @@ impl Engine {
             }
         }
         let mut running: JoinSet<(String, TaskOutcome)> = JoinSet::new();
+        // Which table each spawned task runs, to account for one that panics.
+        let mut spawned: HashMap<tokio::task::Id, String> = HashMap::new();
         loop {
             // Start every task whose inputs are done; skip those whose inputs failed.
             let mut progressed = true;
@@ -536,20 +580,33 @@ impl Engine {
                     let policy = parsed.policy(&table_ref);
                     let engine = self.clone();
                     let (run_id, cancel) = (run_id.clone(), cancel.clone());
-                    running.spawn(async move {
+                    let handle = running.spawn(async move {
                         let outcome = engine
                             .run_task(&run_id, table_ref.clone(), request, policy, cancel)
                             .await;
                         (table_ref.to_string(), outcome)
                     });
+                    spawned.insert(handle.id(), table.clone());
                     progressed = true;
                 }
             }
-            let Some(joined) = running.join_next().await else {
+            let Some(joined) = running.join_next_with_id().await else {
                 break;
             };
-            let Ok((table, outcome)) = joined else {
-                continue;
+            let (table, outcome) = match joined {
+                Ok((_, done)) => done,
+                Err(e) => {
+                    let Some(table) = spawned.get(&e.id()).cloned() else {
+                        continue;
+                    };
+                    let error = format!("coordinator task failed: {e}");
+                    self.set_task(&run_id, &table, None, |t| {
+                        t.state = TaskState::Failed;
+                        t.error = Some(error);
+                        t.finished_at_ms = now_ms();
+                    });
+                    (table, TaskOutcome::Failed)
+                }
             };
             let state = match outcome {
                 TaskOutcome::Succeeded(m) => {
@@ -617,7 +674,7 @@ impl Engine {
     ) -> TaskOutcome {
         let name = table.to_string();
         let mut backoff = Duration::from_millis(policy.backoff_ms);
-        for attempt in 1..=policy.retries + 1 {
+        for attempt in 1..=policy.retries.saturating_add(1) {
             self.set_task(
                 run_id,
                 &name,
@@ -631,7 +688,11 @@ impl Engine {
                     t.started_at_ms = now_ms();
                 },
             );
-            let call = self.call_stage(run_id, &table, request.clone(), &cancel);
+            // Each attempt has its own task id, so cancelling reaches the attempt that runs now.
+            let mut attempt_request = request.clone();
+            attempt_request.task_id = format!("{}#{attempt}", request.task_id);
+            let task_id = attempt_request.task_id.clone();
+            let call = self.call_stage(run_id, &table, attempt_request, &cancel);
             let result = tokio::select! {
                 r = tokio::time::timeout(Duration::from_secs(policy.timeout_secs), call) => match r {
                     Ok(r) => r,
@@ -659,7 +720,6 @@ impl Engine {
                     return TaskOutcome::Succeeded(manifest);
                 }
                 Err(status) if cancel.is_cancelled() => {
-                    let task_id = request.task_id.clone();
                     let mut client = StageServiceClient::new(self.endpoints.for_layer(table.layer));
                     let _ = client.cancel_task(pb::CancelTaskRequest { task_id }).await;
                     self.set_task(run_id, &name, None, |t| {

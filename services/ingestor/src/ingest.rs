@@ -153,6 +153,27 @@ impl TaskRunner for Ingestor {
                     Some(s) => s.clone(),
                     None => {
                         let s = (batch.schema(), with_lineage(&batch.schema()));
+                        // Appends must keep the table's columns: say which file differs.
+                        if let Some(existing) = current
+                            .as_ref()
+                            .filter(|c| !c.files.is_empty() && !task.full_refresh)
+                        {
+                            let names = |schema: &Schema| {
+                                schema
+                                    .fields()
+                                    .iter()
+                                    .map(|f| f.name().clone())
+                                    .collect::<Vec<_>>()
+                            };
+                            if names(&s.1) != names(&existing.schema) {
+                                return Err(TaskError::Invalid(format!(
+                                    "{}: columns {:?} differ from bronze.{name}'s {:?} (run with full refresh to take the new layout)",
+                                    file.display(),
+                                    names(&s.1),
+                                    names(&existing.schema)
+                                )));
+                            }
+                        }
                         schema = Some(s.clone());
                         s
                     }
@@ -204,18 +225,22 @@ impl TaskRunner for Ingestor {
         let writer = match writer {
             Some(w) => w,
             None => {
-                // Only empty files (or none at all on a full refresh): commit an empty table.
-                if let Some(snapshot) = &current
-                    && !task.full_refresh
-                {
+                // Only empty files (or none at all on a full refresh): the table keeps its schema.
+                let Some(snapshot) = &current else {
+                    return Err(TaskError::Invalid(format!(
+                        "source `{name}`: no rows in {} (nothing to learn the columns from)",
+                        if taken.is_empty() {
+                            format!("any file matching `{}`", source.path)
+                        } else {
+                            taken.join(", ")
+                        }
+                    )));
+                };
+                if !task.full_refresh {
                     return Ok(Manifest::of_snapshot(snapshot, false));
                 }
-                let schema = current
-                    .as_ref()
-                    .map(|s| s.schema.clone())
-                    .unwrap_or_else(|| with_lineage(&Schema::empty()));
                 self.lake
-                    .writer(Layer::Bronze, &name, schema)
+                    .writer(Layer::Bronze, &name, snapshot.schema.clone())
                     .await
                     .map_err(TaskError::internal)?
             }
@@ -225,6 +250,7 @@ impl TaskRunner for Ingestor {
         let mode = match &current {
             _ if task.full_refresh => WriteMode::Overwrite,
             None => WriteMode::Overwrite,
+            Some(snapshot) if snapshot.files.is_empty() => WriteMode::Overwrite,
             Some(snapshot) => {
                 let taken_paths: BTreeSet<&str> = taken.iter().map(String::as_str).collect();
                 let replaced: BTreeSet<String> = snapshot

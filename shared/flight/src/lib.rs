@@ -22,7 +22,7 @@ pub struct TableTicket {
     pub layer: Layer,
     pub table: String,
     pub version: i64,
-    /// Index into the version's data files (sorted by path); `None` reads them all.
+    /// Index into the version's data files (in the snapshot's order); `None` reads them all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partition: Option<usize>,
     /// Only these columns (in table order; unknown names are ignored); `None` reads all.

@@ -280,6 +280,19 @@ pub(crate) fn validate(spec: &PipelineSpec) -> Result<Dag, SpecError> {
             )
         })?;
     }
+    check_policy("defaults", &spec.defaults)?;
+    for (section, policies) in [
+        (
+            "sources",
+            spec.sources.iter().map(|s| s.policy).collect::<Vec<_>>(),
+        ),
+        ("silver", spec.silver.iter().map(|s| s.policy).collect()),
+        ("gold", spec.gold.iter().map(|s| s.policy).collect()),
+    ] {
+        for (i, p) in policies.iter().enumerate() {
+            check_policy(&format!("{section}[{i}].policy"), &p.apply(spec.defaults))?;
+        }
+    }
     if spec.sources.is_empty() {
         return Err(SpecError::new(
             "sources",
@@ -402,6 +415,29 @@ pub(crate) fn validate(spec: &PipelineSpec) -> Result<Dag, SpecError> {
         }
     }
     Ok(Dag { nodes })
+}
+
+/// Bounds that keep retries and timeouts meaningful.
+fn check_policy(path: &str, p: &crate::TaskPolicy) -> Result<(), SpecError> {
+    if p.timeout_secs == 0 {
+        return Err(SpecError::new(
+            format!("{path}.timeout_secs"),
+            "must be at least 1",
+        ));
+    }
+    if p.retries > 100 {
+        return Err(SpecError::new(
+            format!("{path}.retries"),
+            "at most 100 retries",
+        ));
+    }
+    if p.max_backoff_ms < p.backoff_ms {
+        return Err(SpecError::new(
+            format!("{path}.max_backoff_ms"),
+            "must not be below backoff_ms",
+        ));
+    }
+    Ok(())
 }
 
 fn silver_dependencies(

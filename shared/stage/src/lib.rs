@@ -49,12 +49,38 @@ impl TaskRequest {
             .unwrap_or_default()
     }
 
-    /// The versions of this task's inputs in this run, by `layer.table` (-1 if not given).
+    /// The versions of this task's inputs in this run, by `layer.table` (-1 if not given),
+    /// plus a fingerprint of the table's own definition under `spec`: a changed definition
+    /// recomputes the table like a changed input does.
     pub fn input_versions(&self) -> BTreeMap<String, i64> {
-        self.dependencies()
+        let mut versions: BTreeMap<String, i64> = self
+            .dependencies()
             .iter()
             .map(|d| (d.to_string(), self.inputs.get(d).map_or(-1, |m| m.version)))
-            .collect()
+            .collect();
+        versions.insert("spec".into(), self.definition_fingerprint());
+        versions
+    }
+
+    /// A stable hash (FNV-1a) of this table's entry in the spec.
+    fn definition_fingerprint(&self) -> i64 {
+        let name = &self.table.name;
+        let text = match self.table.layer {
+            Layer::Silver => self
+                .pipeline
+                .silver(name)
+                .and_then(|s| serde_json::to_string(s).ok()),
+            Layer::Gold => self
+                .pipeline
+                .gold(name)
+                .and_then(|g| serde_json::to_string(g).ok()),
+            _ => None,
+        }
+        .unwrap_or_default();
+        let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        hash as i64
     }
 
     /// Flight tickets for what this task needs of `input`: the version this run produced,
