@@ -114,3 +114,52 @@ async fn expectations_warn_drop_quarantine_and_fail() {
         "a failed expectation committed data"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_definition_recomputes_and_tables_have_one_owner() {
+    let cluster = Cluster::start(None).await.expect("cluster");
+    let dir = cluster.data_dir().join("items");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("items.csv"), ITEMS).expect("fixture");
+    let spec = SPEC.replace("  - name: strict_items", "  - name: unused_strict_items");
+    cluster.apply(&spec).await.expect("apply");
+    cluster.run("quality", false).await.expect("run 1");
+    let ids = |batches: &[arrow::record_batch::RecordBatch]| {
+        let mut ids: Vec<i64> = batches
+            .iter()
+            .flat_map(|b| (0..b.num_rows()).map(move |r| values::int(b, "id", r)))
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(
+        ids(&cluster.read("silver.items").await.expect("read")),
+        vec![1, 4]
+    );
+
+    // Same inputs, new definition: the table is recomputed, not skipped.
+    let stricter = spec.replace(
+        r#"expr: "category IS NOT NULL", action: warn"#,
+        r#"expr: "category IS NOT NULL", action: drop"#,
+    );
+    assert_ne!(stricter, spec);
+    cluster.apply(&stricter).await.expect("re-apply");
+    cluster.run("quality", false).await.expect("run 2");
+    assert_eq!(
+        ids(&cluster.read("silver.items").await.expect("read")),
+        vec![1]
+    );
+
+    // Another pipeline may not write a table this one writes.
+    let other = "name: other\nsources:\n  - { name: items, format: csv, path: items/*.csv }\n";
+    let status = cluster
+        .apply(other)
+        .await
+        .expect_err("a second owner of bronze.items");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("bronze.items") && status.message().contains("quality"),
+        "{}",
+        status.message()
+    );
+}
