@@ -163,3 +163,51 @@ async fn a_changed_definition_recomputes_and_tables_have_one_owner() {
         status.message()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dedupe_keeps_the_first_or_last_row_by_order() {
+    let cluster = Cluster::start(None).await.expect("cluster");
+    std::fs::create_dir_all(cluster.data_dir()).expect("mkdir");
+    std::fs::write(
+        cluster.data_dir().join("events.csv"),
+        "id,v,ts\n1,a,1\n1,b,3\n2,x,1\n1,c,2\n2,y,0\n",
+    )
+    .expect("fixture");
+    let spec = r#"
+name: dedupe
+sources:
+  - { name: events, format: csv, path: events.csv }
+silver:
+  - name: latest
+    from: bronze.events
+    columns: [{ name: id, type: int64 }, { name: v }, { name: ts, type: int64 }]
+    dedupe: { keys: [id], order_by: ts, keep: last }
+  - name: earliest
+    from: bronze.events
+    columns: [{ name: id, type: int64 }, { name: v }, { name: ts, type: int64 }]
+    dedupe: { keys: [id], order_by: ts, keep: first }
+"#;
+    cluster.apply(spec).await.expect("apply");
+    let (run, _) = cluster.run("dedupe", false).await.expect("run");
+    assert!(medallion_tests::succeeded(&run), "{run:?}");
+    for (table, want) in [
+        ("silver.latest", [(1, "b"), (2, "x")]),
+        ("silver.earliest", [(1, "a"), (2, "y")]),
+    ] {
+        let batches = cluster.read(table).await.expect("read");
+        let mut got: Vec<(i64, String)> = batches
+            .iter()
+            .flat_map(|b| {
+                (0..b.num_rows()).map(move |r| {
+                    (
+                        values::int(b, "id", r),
+                        values::string(b, "v", r).unwrap_or_default(),
+                    )
+                })
+            })
+            .collect();
+        got.sort();
+        let want: Vec<(i64, String)> = want.iter().map(|(i, v)| (*i, v.to_string())).collect();
+        assert_eq!(got, want, "{table}");
+    }
+}
