@@ -31,6 +31,9 @@ pub struct Config {
         default_value = "http://127.0.0.1:50062"
     )]
     pub silver_flight: String,
+    /// Tasks this replica runs at once (each holds its tables in memory); more wait their turn.
+    #[arg(long, env = "MEDALLION_AGGREGATOR_MAX_TASKS", default_value_t = 1)]
+    pub max_tasks: usize,
 }
 
 /// Serves the stage API and gold Flight until `shutdown` is cancelled.
@@ -41,6 +44,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         lake: lake.clone(),
         silver_flight: config.silver_flight,
     };
-    medallion_stage::serve_layer(runner, lake, vec![Layer::Gold], listener, shutdown).await?;
+    medallion_stage::serve_layer(
+        runner,
+        config.max_tasks,
+        lake,
+        vec![Layer::Gold],
+        listener,
+        shutdown,
+    )
+    .await?;
     Ok(())
 }

@@ -23,6 +23,9 @@ pub struct Config {
     /// Lake root: a local folder or file:// URL.
     #[arg(long, env = "MEDALLION_LAKE", default_value = "./.medallion/lake")]
     pub lake: String,
+    /// Tasks this replica runs at once (each holds its tables in memory); more wait their turn.
+    #[arg(long, env = "MEDALLION_INGESTOR_MAX_TASKS", default_value_t = 2)]
+    pub max_tasks: usize,
 }
 
 /// Serves the stage API and bronze Flight until `shutdown` is cancelled.
@@ -30,6 +33,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let lake = Lake::open(&config.lake, Default::default())?;
     let listener = medallion_server::bind(&config.listen).await?;
     let runner = ingest::Ingestor { lake: lake.clone() };
-    medallion_stage::serve_layer(runner, lake, vec![Layer::Bronze], listener, shutdown).await?;
+    medallion_stage::serve_layer(
+        runner,
+        config.max_tasks,
+        lake,
+        vec![Layer::Bronze],
+        listener,
+        shutdown,
+    )
+    .await?;
     Ok(())
 }

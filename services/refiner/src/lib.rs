@@ -30,6 +30,9 @@ pub struct Config {
         default_value = "http://127.0.0.1:50061"
     )]
     pub bronze_flight: String,
+    /// Tasks this replica runs at once (each holds its tables in memory); more wait their turn.
+    #[arg(long, env = "MEDALLION_REFINER_MAX_TASKS", default_value_t = 1)]
+    pub max_tasks: usize,
 }
 
 /// Serves the stage API and silver and quarantine Flight until `shutdown` is cancelled.
@@ -42,6 +45,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     medallion_stage::serve_layer(
         runner,
+        config.max_tasks,
         lake,
         vec![Layer::Silver, Layer::Quarantine],
         listener,

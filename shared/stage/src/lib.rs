@@ -313,15 +313,19 @@ pub trait TaskRunner: Send + Sync + 'static {
 pub struct StageServer<R> {
     runner: Arc<R>,
     running: Arc<Mutex<HashMap<String, CancellationToken>>>,
+    /// Tasks allowed to run at once; the rest wait (and say so in their progress).
+    slots: Arc<tokio::sync::Semaphore>,
     shutdown: CancellationToken,
 }
 
 impl<R: TaskRunner> StageServer<R> {
-    /// Tasks are cancelled when `shutdown` is (their commits are atomic, so this is safe).
-    pub fn new(runner: R, shutdown: CancellationToken) -> Self {
+    /// Runs at most `max_tasks` tasks at once. Tasks are cancelled when `shutdown` is (their
+    /// commits are atomic, so this is safe).
+    pub fn new(runner: R, max_tasks: usize, shutdown: CancellationToken) -> Self {
         StageServer {
             runner: Arc::new(runner),
             running: Arc::default(),
+            slots: Arc::new(tokio::sync::Semaphore::new(max_tasks.max(1))),
             shutdown,
         }
     }
@@ -385,14 +389,26 @@ impl<R: TaskRunner> pb::stage_service_server::StageService for StageServer<R> {
             last: Arc::new(Mutex::new(Instant::now())),
         };
         let runner = self.runner.clone();
+        let slots = self.slots.clone();
         let span = tracing::info_span!("task", table = %task.table, run = %task.run_id, task = %task.task_id);
         tokio::spawn(async move {
             let _guard = guard;
             let started = Instant::now();
             let table = task.table.clone();
             // A caller that stops listening (timeout, cancel, crash) cancels the task.
+            let work = async {
+                // Each task holds whole tables in memory: waiting beats running out of it.
+                let _slot = match slots.clone().try_acquire_owned() {
+                    Ok(slot) => slot,
+                    Err(_) => {
+                        progress.report("queued: the service is busy with other tasks", 0, 0, true);
+                        slots.acquire_owned().await.map_err(|_| TaskError::Cancelled)?
+                    }
+                };
+                runner.run(task, progress, token.clone()).await
+            };
             let result = tokio::select! {
-                r = runner.run(task, progress, token.clone()) => r,
+                r = work => r,
                 _ = token.cancelled() => Err(TaskError::Cancelled),
                 _ = tx.closed() => Err(TaskError::Cancelled),
             };
@@ -592,12 +608,13 @@ impl TryFrom<pb::RunTaskRequest> for TaskRequest {
 /// of the lake, with health and reflection, until `shutdown` is cancelled.
 pub async fn serve_layer<R: TaskRunner>(
     runner: R,
+    max_tasks: usize,
     lake: medallion_lake::Lake,
     flight_layers: Vec<Layer>,
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), medallion_server::Error> {
-    let stage = StageServer::new(runner, shutdown.clone());
+    let stage = StageServer::new(runner, max_tasks, shutdown.clone());
     let flight = medallion_flight::LayerFlightService::new(lake, flight_layers);
     let routes = tonic::service::Routes::new(stage.into_server()).add_service(flight.into_server());
     medallion_server::serve(
