@@ -2,7 +2,7 @@
 //! reflection to a service's routes, tuned HTTP/2 windows for Arrow Flight, logging set-up,
 //! and shutdown on SIGINT/SIGTERM through a cancellation token.
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -27,7 +27,7 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Binds a listener; port 0 picks a free port (see `local_addr`).
+/// Binds a listener; port 0 picks a free port.
 pub async fn bind(addr: &str) -> Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|source| Error::Bind {
         addr: addr.to_string(),
@@ -83,11 +83,6 @@ pub async fn serve(
         .await?;
     tracing::info!(?addr, "stopped");
     Ok(())
-}
-
-/// The address a listener is bound to, for logs and for tests that bind port 0.
-pub fn local_addr(listener: &TcpListener) -> Option<SocketAddr> {
-    listener.local_addr().ok()
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
