@@ -3,37 +3,37 @@
 
 use std::collections::BTreeMap;
 
-use medallion_flight::FlightReader;
+use std::sync::Arc;
+
+use arrow::{datatypes::SchemaRef, record_batch::RecordBatch};
+use futures::{StreamExt, stream::BoxStream};
+use medallion_flight::{BatchStream, FlightReader};
 use medallion_lake::{Lake, WriteMode};
 use medallion_server::CancellationToken;
-use medallion_spec::{Layer, TableRef};
+use medallion_spec::{Layer, SilverSpec, TableRef};
 use medallion_stage::{Manifest, Progress, TaskError, TaskRequest, TaskRunner};
 use polars::prelude::DataFrame;
 
-use crate::transform;
+use crate::transform::{self, RowOutput, RowStage};
 
 pub struct Refiner {
     pub lake: Lake,
     pub bronze_flight: String,
 }
 
+/// Input rows gathered before the row stage runs on them: large enough that polars
+/// parallelises each chunk well, small enough that the raw (string) rows stay a small part of
+/// the task's memory.
+const CHUNK_ROWS: usize = 256 * 1024;
+
 impl Refiner {
-    /// Reads one input at the version the upstream task reported.
-    async fn read_input(
-        &self,
-        task: &TaskRequest,
-        table: &TableRef,
-    ) -> Result<DataFrame, TaskError> {
+    /// Opens one input at the version the upstream task reported, as a stream of batches.
+    async fn open_input(&self, task: &TaskRequest, table: &TableRef) -> Result<Input, TaskError> {
         let tickets = task.input_tickets(table)?;
-        let (schema, batches) = match table.layer {
+        match table.layer {
             Layer::Bronze => {
-                let reader = FlightReader::connect(&self.bronze_flight)
-                    .await
-                    .map_err(TaskError::internal)?;
-                reader
-                    .read_all(&tickets)
-                    .await
-                    .map_err(TaskError::internal)?
+                let reader = FlightReader::connect(&self.bronze_flight).await?;
+                Ok(Input::Flight(reader.stream(&tickets)))
             }
             // Silver is this service's own layer: read it from the lake directly.
             Layer::Silver => {
@@ -45,31 +45,133 @@ impl Refiner {
                     .map_err(TaskError::internal)?
                     .ok_or_else(|| TaskError::internal(format!("{table} is missing")))?;
                 let columns = task.pipeline.columns_read(&task.table, table);
-                let mut batches = Vec::new();
-                for file in &snapshot.files {
-                    let mut stream = match &columns {
-                        Some(c) => self.lake.read_file_columns(&snapshot, file, 64 * 1024, c),
-                        None => self.lake.read_file(&snapshot, file, 64 * 1024),
-                    };
-                    while let Some(batch) = futures::StreamExt::next(&mut stream).await {
-                        batches.push(batch.map_err(TaskError::internal)?);
-                    }
-                }
                 let schema = match &columns {
                     Some(c) => snapshot.projected_schema(c),
                     None => snapshot.schema.clone(),
                 };
-                (schema, batches)
+                let (lake, files) = (self.lake.clone(), snapshot.files.clone());
+                let batches = futures::stream::iter(files)
+                    .map(move |file| match &columns {
+                        Some(c) => lake.read_file_columns(&snapshot, &file, 64 * 1024, c),
+                        None => lake.read_file(&snapshot, &file, 64 * 1024),
+                    })
+                    .flatten()
+                    .boxed();
+                Ok(Input::Lake { batches, schema })
             }
-            other => {
-                return Err(TaskError::Invalid(format!(
-                    "silver cannot read {other} tables"
-                )));
-            }
-        };
-        medallion_frames::frame_from_batches(&schema, &batches)
+            other => Err(TaskError::Invalid(format!(
+                "silver cannot read {other} tables"
+            ))),
+        }
+    }
+
+    /// Reads one input whole.
+    async fn read_input(
+        &self,
+        task: &TaskRequest,
+        table: &TableRef,
+    ) -> Result<DataFrame, TaskError> {
+        let mut input = self.open_input(task, table).await?;
+        let mut batches = Vec::new();
+        while let Some(batch) = input.next_batch().await? {
+            batches.push(batch);
+        }
+        medallion_frames::frame_from_batches(&input.schema()?, &batches)
             .map_err(|e| TaskError::internal(format!("{table}: {e}")))
     }
+
+    /// Runs the row stage of `spec` on its `from` input chunk by chunk as the input streams
+    /// in, so the raw rows are never all in memory at once.
+    async fn stage_input(
+        &self,
+        task: &TaskRequest,
+        spec: &SilverSpec,
+        from: &TableRef,
+        progress: &Progress,
+    ) -> Result<RowOutput, TaskError> {
+        let mut stage: Option<Arc<RowStage>> = None;
+        let mut out = RowOutput::default();
+        let mut pending: Vec<RecordBatch> = Vec::new();
+        let (mut pending_rows, mut rows_read, mut bytes_read) = (0usize, 0u64, 0u64);
+        let phase = format!("reading and refining {from}");
+        let mut input = self.open_input(task, from).await?;
+        while let Some(batch) = input.next_batch().await? {
+            rows_read += batch.num_rows() as u64;
+            bytes_read += batch.get_array_memory_size() as u64;
+            pending_rows += batch.num_rows();
+            pending.push(batch);
+            if pending_rows >= CHUNK_ROWS {
+                let batches = std::mem::take(&mut pending);
+                pending_rows = 0;
+                out = run_stage(spec, &mut stage, batches[0].schema(), batches, out).await?;
+                progress.report(&phase, rows_read, bytes_read, false);
+            }
+        }
+        // The rest, or an empty frame so the output has its columns even without rows.
+        if !pending.is_empty() || stage.is_none() {
+            let schema = match pending.first() {
+                Some(batch) => batch.schema(),
+                None => input.schema()?,
+            };
+            out = run_stage(spec, &mut stage, schema, pending, out).await?;
+        }
+        progress.report(&phase, rows_read, bytes_read, true);
+        Ok(out)
+    }
+}
+
+/// One input table streaming in.
+enum Input {
+    /// Bronze, over the ingestor's Flight.
+    Flight(BatchStream),
+    /// Silver, from this service's own lake.
+    Lake {
+        batches: BoxStream<'static, medallion_lake::Result<RecordBatch>>,
+        schema: SchemaRef,
+    },
+}
+
+impl Input {
+    async fn next_batch(&mut self) -> Result<Option<RecordBatch>, TaskError> {
+        match self {
+            Input::Flight(stream) => Ok(stream.next_batch().await?),
+            Input::Lake { batches, .. } => batches
+                .next()
+                .await
+                .transpose()
+                .map_err(TaskError::internal),
+        }
+    }
+
+    /// The input's schema (for Flight, once the stream has ended).
+    fn schema(&self) -> Result<SchemaRef, TaskError> {
+        match self {
+            Input::Flight(stream) => Ok(stream.schema()?),
+            Input::Lake { schema, .. } => Ok(schema.clone()),
+        }
+    }
+}
+
+/// Runs the row stage (made on first use) on one chunk of input batches, off the async threads.
+async fn run_stage(
+    spec: &SilverSpec,
+    stage: &mut Option<Arc<RowStage>>,
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+    mut out: RowOutput,
+) -> Result<RowOutput, TaskError> {
+    let chunk = medallion_frames::frame_from_batches(&schema, &batches)
+        .map_err(|e| TaskError::internal(format!("silver.{}: input: {e}", spec.name)))?;
+    drop(batches);
+    let stage = match stage {
+        Some(s) => s.clone(),
+        None => stage
+            .insert(Arc::new(RowStage::new(spec, &chunk.schema())?))
+            .clone(),
+    };
+    tokio::task::spawn_blocking(move || stage.apply(chunk, &mut out).map(|()| out))
+        .await
+        .map_err(TaskError::internal)?
 }
 
 #[tonic::async_trait]
@@ -104,8 +206,16 @@ impl TaskRunner for Refiner {
         }
 
         let started = std::time::Instant::now();
+        let streamed = RowStage::chunkable(&spec)
+            .then(|| transform::from_table(&spec).ok().cloned())
+            .flatten()
+            // A table joined with itself needs its input whole anyway.
+            .filter(|from| spec.join.as_ref().is_none_or(|j| &j.with != from));
         let mut inputs = BTreeMap::new();
         for dep in task.dependencies() {
+            if Some(&dep) == streamed.as_ref() {
+                continue;
+            }
             progress.report(&format!("reading {dep}"), 0, 0, true);
             let df = tokio::select! {
                 df = self.read_input(&task, &dep) => df?,
@@ -113,12 +223,23 @@ impl TaskRunner for Refiner {
             };
             inputs.insert(dep, df);
         }
-        let rows_in: usize = inputs.values().map(DataFrame::height).sum();
+        let staged = match &streamed {
+            Some(from) => Some(tokio::select! {
+                out = self.stage_input(&task, &spec, from, &progress) => out?,
+                _ = cancel.cancelled() => return Err(TaskError::Cancelled),
+            }),
+            None => None,
+        };
+        let rows_in = inputs.values().map(DataFrame::height).sum::<usize>()
+            + staged.as_ref().map_or(0, RowOutput::rows);
         progress.report("refining", rows_in as u64, 0, true);
         let read_secs = started.elapsed().as_secs_f64();
-        let refined = tokio::task::spawn_blocking(move || transform::refine(&spec, inputs))
-            .await
-            .map_err(TaskError::internal)??;
+        let refined = tokio::task::spawn_blocking(move || match staged {
+            Some(rows) => transform::finish(&spec, rows, &inputs),
+            None => transform::refine(&spec, inputs),
+        })
+        .await
+        .map_err(TaskError::internal)??;
         if cancel.is_cancelled() {
             return Err(TaskError::Cancelled);
         }

@@ -43,12 +43,7 @@ pub fn polars_type(t: ColumnType) -> DataType {
     }
 }
 
-fn column_expr(
-    table: &str,
-    i: usize,
-    col: &ColumnSpec,
-    input: &DataFrame,
-) -> Result<Expr, TaskError> {
+fn column_expr(table: &str, i: usize, col: &ColumnSpec, input: &Schema) -> Result<Expr, TaskError> {
     // The input column taken as is (renamed by `from`), unless the column is computed.
     let source = col
         .expr
@@ -59,7 +54,7 @@ fn column_expr(
         (None, name) => polars::prelude::col(name.unwrap_or(&col.name)),
     };
     let from_string = source
-        .and_then(|name| input.schema().get(name).cloned())
+        .and_then(|name| input.get(name).cloned())
         .is_some_and(|dt| dt == DataType::String);
     // Strict: a value that does not convert fails the task, naming the column and values.
     let options = StrptimeOptions {
@@ -83,9 +78,239 @@ fn column_expr(
     Ok(typed.alias(col.name.as_str()))
 }
 
-/// Refines `spec` from its input frames (keyed by table).
-///
-/// The inputs are consumed: an input's raw (string) columns are freed as soon as they are typed.
+/// The row-by-row part of a silver definition: typed columns, filter and expectations. It
+/// gives the same result on a whole table as on each of its chunks in turn (see
+/// [`RowStage::chunkable`]), so the refiner runs it on its input as the input streams in and
+/// never holds the raw (string) table whole.
+pub struct RowStage {
+    table: String,
+    columns: Option<Vec<Expr>>,
+    filter: Option<Expr>,
+    expectations: Vec<(medallion_spec::ExpectationSpec, Expr)>,
+}
+
+/// What the row stage kept, quarantined and counted so far.
+#[derive(Default)]
+pub struct RowOutput {
+    kept: Vec<DataFrame>,
+    quarantine: Vec<DataFrame>,
+    counts: Vec<ExpectationCount>,
+    /// The first rows that failed a `fail` expectation, by expectation index.
+    fail_samples: BTreeMap<usize, String>,
+}
+
+impl RowStage {
+    /// Prepares the stage for input frames of `input_schema`.
+    pub fn new(spec: &SilverSpec, input_schema: &Schema) -> Result<Self, TaskError> {
+        let t = spec.name.as_str();
+        let columns = match &spec.columns {
+            Some(cols) => Some(
+                cols.iter()
+                    .enumerate()
+                    .map(|(i, c)| column_expr(t, i, c, input_schema))
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            None => None,
+        };
+        let filter = match &spec.filter {
+            Some(f) => Some(parse_expr(t, "filter", f)?),
+            None => None,
+        };
+        let expectations = spec
+            .expectations
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                parse_expr(t, &format!("expectations[{i}].expr"), &e.expr).map(|x| (e.clone(), x))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(RowStage {
+            table: spec.name.clone(),
+            columns,
+            filter,
+            expectations,
+        })
+    }
+
+    /// Whether every expression of the stage is row-local, so that chunk by chunk equals whole.
+    pub fn chunkable(spec: &SilverSpec) -> bool {
+        let exprs = spec
+            .columns
+            .iter()
+            .flatten()
+            .filter_map(|c| c.expr.as_deref())
+            .chain(spec.filter.as_deref())
+            .chain(spec.expectations.iter().map(|e| e.expr.as_str()));
+        spec.sql.is_none() && exprs.into_iter().all(medallion_spec::is_row_local)
+    }
+
+    /// Runs the stage on one chunk of input (or the whole input), adding to `out`. Run it at
+    /// least once, on an empty frame if there is no input, so the output has its columns.
+    pub fn apply(&self, input: DataFrame, out: &mut RowOutput) -> Result<(), TaskError> {
+        let t = self.table.as_str();
+        let mut lf = input.lazy();
+        if let Some(exprs) = &self.columns {
+            lf = lf.select(exprs.clone());
+        }
+        if let Some(filter) = &self.filter {
+            lf = lf.filter(filter.clone());
+        }
+        let df = lf.collect().map_err(|e| invalid(t, "columns", e))?;
+        if self.expectations.is_empty() {
+            out.kept.push(df);
+            return Ok(());
+        }
+        self.check(df, out)
+    }
+
+    /// Evaluates every expectation once per row; a null result counts as a failure.
+    fn check(&self, df: DataFrame, out: &mut RowOutput) -> Result<(), TaskError> {
+        let t = self.table.as_str();
+        let checked = df.height() as u64;
+        let flag = |i: usize| format!("__expect_{i}");
+        let flags: Vec<Expr> = self
+            .expectations
+            .iter()
+            .enumerate()
+            .map(|(i, (_, expr))| expr.clone().fill_null(lit(false)).alias(flag(i).as_str()))
+            .collect();
+        let columns = df_columns(&df);
+        let flagged = df
+            .lazy()
+            .with_columns(flags)
+            .collect()
+            .map_err(|e| invalid(t, "expectations", e))?;
+        if out.counts.is_empty() {
+            out.counts = self
+                .expectations
+                .iter()
+                .map(|(e, _)| ExpectationCount {
+                    name: e.name.clone(),
+                    action: e.action,
+                    failed_rows: 0,
+                    checked_rows: 0,
+                })
+                .collect();
+        }
+        for (i, (e, _)) in self.expectations.iter().enumerate() {
+            let passed = flagged
+                .column(&flag(i))
+                .and_then(|c| c.bool().map(|b| b.sum().unwrap_or(0) as u64))
+                .map_err(|err| {
+                    invalid(
+                        t,
+                        &format!("expectations[{i}].expr `{}` must be boolean", e.expr),
+                        err,
+                    )
+                })?;
+            let failed = checked - passed;
+            out.counts[i].failed_rows += failed;
+            out.counts[i].checked_rows += checked;
+            if e.action == ExpectationAction::Fail
+                && failed > 0
+                && !out.fail_samples.contains_key(&i)
+            {
+                let sample = flagged
+                    .clone()
+                    .lazy()
+                    .filter(col(flag(i).as_str()).not())
+                    .limit(3)
+                    .select(columns.iter().map(|c| col(c.as_str())).collect::<Vec<_>>())
+                    .collect()
+                    .map(|d| d.to_string())
+                    .unwrap_or_default();
+                out.fail_samples.insert(i, sample);
+            }
+        }
+        if !out.fail_samples.is_empty() {
+            return Ok(()); // the task fails in `finish`; keep counting, skip the rows
+        }
+        let all_true = |action: ExpectationAction| -> Expr {
+            self.expectations
+                .iter()
+                .enumerate()
+                .filter(|(_, (e, _))| e.action == action)
+                .map(|(i, _)| col(flag(i).as_str()))
+                .reduce(|a, b| a.and(b))
+                .unwrap_or(lit(true))
+        };
+        let keep = all_true(ExpectationAction::Drop).and(all_true(ExpectationAction::Quarantine));
+        let quarantines = self
+            .expectations
+            .iter()
+            .any(|(e, _)| e.action == ExpectationAction::Quarantine);
+        if quarantines {
+            let names: Vec<Expr> = self
+                .expectations
+                .iter()
+                .enumerate()
+                .map(|(i, (e, _))| {
+                    when(col(flag(i).as_str()).not())
+                        .then(lit(e.name.as_str()))
+                        .otherwise(lit(NULL))
+                })
+                .collect();
+            let mut select: Vec<Expr> = columns.iter().map(|c| col(c.as_str())).collect();
+            select.push(concat_str(names, ",", true).alias(FAILED_EXPECTATIONS));
+            let q = flagged
+                .clone()
+                .lazy()
+                .filter(all_true(ExpectationAction::Quarantine).not())
+                .select(select)
+                .collect()
+                .map_err(|e| invalid(t, "quarantine", e))?;
+            out.quarantine.push(q);
+        }
+        let kept = flagged
+            .lazy()
+            .filter(keep)
+            .select(columns.iter().map(|c| col(c.as_str())).collect::<Vec<_>>())
+            .collect()
+            .map_err(|e| invalid(t, "expectations", e))?;
+        out.kept.push(kept);
+        Ok(())
+    }
+}
+
+impl RowOutput {
+    /// Rows kept so far.
+    pub fn rows(&self) -> usize {
+        self.kept.iter().map(DataFrame::height).sum()
+    }
+
+    /// The kept rows and quarantined rows as single frames, and the expectation counts; fails
+    /// the task when a `fail` expectation failed anywhere.
+    fn finish(
+        self,
+        spec: &SilverSpec,
+    ) -> Result<(DataFrame, Option<DataFrame>, Vec<ExpectationCount>), TaskError> {
+        let t = spec.name.as_str();
+        if let Some((&i, sample)) = self.fail_samples.iter().next() {
+            let (e, count) = (&spec.expectations[i], &self.counts[i]);
+            return Err(TaskError::ExpectationFailed(format!(
+                "silver.{t}: expectation `{}` ({}) failed for {} of {} rows; nothing was committed. First failing rows:\n{sample}",
+                e.name, e.expr, count.failed_rows, count.checked_rows
+            )));
+        }
+        let concat = |frames: Vec<DataFrame>| -> Result<Option<DataFrame>, TaskError> {
+            let mut frames = frames.into_iter();
+            let Some(mut first) = frames.next() else {
+                return Ok(None);
+            };
+            for f in frames {
+                first
+                    .vstack_mut_owned(f)
+                    .map_err(|e| invalid(t, "columns", e))?;
+            }
+            Ok(Some(first))
+        };
+        let quarantine = concat(self.quarantine)?;
+        let kept = concat(self.kept)?.unwrap_or_default();
+        Ok((kept, quarantine, self.counts))
+    }
+}
+
+/// Refines `spec` from its input frames (keyed by table), whole.
 pub fn refine(
     spec: &SilverSpec,
     mut inputs: BTreeMap<TableRef, DataFrame>,
@@ -110,10 +335,7 @@ pub fn refine(
             expectations: Vec::new(),
         });
     }
-    let from = spec
-        .from
-        .as_ref()
-        .ok_or_else(|| invalid(t, "from", "missing"))?;
+    let from = from_table(spec)?;
     let joined_with_itself = spec.join.as_ref().is_some_and(|j| &j.with == from);
     let input = if joined_with_itself {
         inputs.get(from).cloned()
@@ -121,37 +343,28 @@ pub fn refine(
         inputs.remove(from)
     }
     .ok_or_else(|| TaskError::Internal(format!("silver.{t}: input {from} was not read")))?;
-    let input_names: Vec<String> = input
-        .get_column_names()
-        .iter()
-        .map(|c| c.to_string())
-        .collect();
-    let exprs = match &spec.columns {
-        Some(cols) => Some(
-            cols.iter()
-                .enumerate()
-                .map(|(i, c)| column_expr(t, i, c, &input))
-                .collect::<Result<Vec<_>, _>>()?,
-        ),
-        None => None,
-    };
-    let mut lf = input.lazy();
-    if let Some(exprs) = exprs {
-        lf = lf.select(exprs);
-    }
-    if let Some(filter) = &spec.filter {
-        lf = lf.filter(parse_expr(t, "filter", filter)?);
-    }
-    let mut df = lf.collect().map_err(|e| invalid(t, "columns", e))?;
+    let stage = RowStage::new(spec, &input.schema())?;
+    let mut out = RowOutput::default();
+    stage.apply(input, &mut out)?;
+    finish(spec, out, &inputs)
+}
 
-    let (expectations, quarantine) = if spec.expectations.is_empty() {
-        (Vec::new(), None)
-    } else {
-        let (counts, kept, quarantined) = apply_expectations(spec, df)?;
-        df = kept;
-        (counts, quarantined)
-    };
+/// The table a declarative silver definition reads row by row.
+pub fn from_table(spec: &SilverSpec) -> Result<&TableRef, TaskError> {
+    spec.from
+        .as_ref()
+        .ok_or_else(|| invalid(&spec.name, "from", "missing"))
+}
 
+/// The whole-table part of a declarative silver definition, after the row stage: de-duplication
+/// and the join with `others` (the inputs other than `from`).
+pub fn finish(
+    spec: &SilverSpec,
+    rows: RowOutput,
+    others: &BTreeMap<TableRef, DataFrame>,
+) -> Result<Refined, TaskError> {
+    let t = spec.name.as_str();
+    let (df, quarantine, expectations) = rows.finish(spec)?;
     let mut lf = df.lazy();
     if let Some(dedupe) = &spec.dedupe {
         if let Some(order) = &dedupe.order_by {
@@ -170,7 +383,7 @@ pub fn refine(
         lf = lf.unique_generic(Some(keys), keep);
     }
     if let Some(join) = &spec.join {
-        let other = inputs.get(&join.with).ok_or_else(|| {
+        let other = others.get(&join.with).ok_or_else(|| {
             TaskError::Internal(format!("silver.{t}: input {} was not read", join.with))
         })?;
         let right_keys: Vec<&str> = join.on.iter().map(|k| k.right.as_str()).collect();
@@ -197,19 +410,20 @@ pub fn refine(
             JoinHow::Inner => JoinType::Inner,
             JoinHow::Left => JoinType::Left,
         };
+        // The left side's columns after the row stage, in order; the join keeps those and
+        // what was taken from the right (the right keys equal the left keys after the join).
+        let mut keep_cols: Vec<Expr> = lf
+            .collect_schema()
+            .map_err(|e| invalid(t, "join", e))?
+            .iter_names()
+            .map(|c| col(c.as_str()))
+            .collect();
         lf = lf.join(
             right,
             left_on,
             right_on,
             JoinArgs::new(how).with_coalesce(JoinCoalesce::CoalesceColumns),
         );
-        // The right keys equal the left keys after the join; keep only what was asked for.
-        let mut keep_cols: Vec<Expr> = Vec::new();
-        let left_names: Vec<String> = match &spec.columns {
-            Some(cols) => cols.iter().map(|c| c.name.clone()).collect(),
-            None => input_names.clone(),
-        };
-        keep_cols.extend(left_names.iter().map(|c| col(c.as_str())));
         keep_cols.extend(taken.iter().map(|c| col(c.as_str())));
         lf = lf.select(keep_cols);
     }
@@ -219,109 +433,6 @@ pub fn refine(
         quarantine,
         expectations,
     })
-}
-
-type ExpectationOutcome = (Vec<ExpectationCount>, DataFrame, Option<DataFrame>);
-
-/// Evaluates every expectation once per row; a null result counts as a failure.
-fn apply_expectations(spec: &SilverSpec, df: DataFrame) -> Result<ExpectationOutcome, TaskError> {
-    let t = spec.name.as_str();
-    let checked = df.height() as u64;
-    let flag = |i: usize| format!("__expect_{i}");
-    let mut flags = Vec::new();
-    for (i, e) in spec.expectations.iter().enumerate() {
-        let expr = parse_expr(t, &format!("expectations[{i}].expr"), &e.expr)?;
-        flags.push(expr.fill_null(lit(false)).alias(flag(i).as_str()));
-    }
-    let flagged = df
-        .lazy()
-        .with_columns(flags)
-        .collect()
-        .map_err(|e| invalid(t, "expectations", e))?;
-    let mut counts = Vec::new();
-    for (i, e) in spec.expectations.iter().enumerate() {
-        let passed = flagged
-            .column(&flag(i))
-            .and_then(|c| c.bool().map(|b| b.sum().unwrap_or(0) as u64))
-            .map_err(|err| {
-                invalid(
-                    t,
-                    &format!("expectations[{i}].expr `{}` must be boolean", e.expr),
-                    err,
-                )
-            })?;
-        let failed = checked - passed;
-        if e.action == ExpectationAction::Fail && failed > 0 {
-            let sample = flagged
-                .clone()
-                .lazy()
-                .filter(col(flag(i).as_str()).not())
-                .limit(3)
-                .collect()
-                .map(|d| {
-                    d.select(df_columns(&flagged))
-                        .map(|d| d.to_string())
-                        .unwrap_or_default()
-                })
-                .unwrap_or_default();
-            return Err(TaskError::ExpectationFailed(format!(
-                "silver.{t}: expectation `{}` ({}) failed for {failed} of {checked} rows; nothing was committed. First failing rows:\n{sample}",
-                e.name, e.expr
-            )));
-        }
-        counts.push(ExpectationCount {
-            name: e.name.clone(),
-            action: e.action,
-            failed_rows: failed,
-            checked_rows: checked,
-        });
-    }
-    let all_true = |action: ExpectationAction| -> Expr {
-        spec.expectations
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.action == action)
-            .map(|(i, _)| col(flag(i).as_str()))
-            .reduce(|a, b| a.and(b))
-            .unwrap_or(lit(true))
-    };
-    let keep = all_true(ExpectationAction::Drop).and(all_true(ExpectationAction::Quarantine));
-    let columns = df_columns(&flagged);
-    let has_quarantine = spec
-        .expectations
-        .iter()
-        .any(|e| e.action == ExpectationAction::Quarantine);
-    let quarantine = if has_quarantine {
-        let names: Vec<Expr> = spec
-            .expectations
-            .iter()
-            .enumerate()
-            .map(|(i, e)| {
-                when(col(flag(i).as_str()).not())
-                    .then(lit(e.name.as_str()))
-                    .otherwise(lit(NULL))
-            })
-            .collect();
-        let mut select: Vec<Expr> = columns.iter().map(|c| col(c.as_str())).collect();
-        select.push(concat_str(names, ",", true).alias(FAILED_EXPECTATIONS));
-        let q = flagged
-            .clone()
-            .lazy()
-            .filter(all_true(ExpectationAction::Quarantine).not())
-            .select(select)
-            .collect()
-            .map_err(|e| invalid(t, "quarantine", e))?;
-        Some(q)
-    } else {
-        None
-    };
-    let kept = flagged
-        .lazy()
-        .filter(keep)
-        .select(columns.iter().map(|c| col(c.as_str())).collect::<Vec<_>>())
-        .collect()
-        .map_err(|e| invalid(t, "expectations", e))?;
-    Ok((counts, kept, quarantine))
 }
 
 /// The data columns of a frame that also carries expectation flags.

@@ -2,11 +2,23 @@
 
 use arrow::{datatypes::SchemaRef, record_batch::RecordBatch};
 use arrow_flight::{FlightClient, Ticket};
-use futures::{StreamExt, TryStreamExt};
+use futures::{StreamExt, stream::BoxStream};
+use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 
 /// Partitions of one table read at once.
 const PARALLEL_PARTITIONS: usize = 4;
+/// Batches a partition being read ahead may buffer before its stream waits.
+const BATCHES_AHEAD_PER_PARTITION: usize = 8;
+
+/// Stops a partition's fetch when the reader gives up early (error or cancellation).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 use crate::{Error, Result, TableTicket};
 
@@ -50,11 +62,12 @@ impl FlightReader {
         FlightClient::new_from_inner(inner)
     }
 
-    /// Reads one ticket into memory: its schema and batches.
-    async fn read_one(
+    /// Streams one ticket's batches into `tx`; returns the schema the stream announced.
+    async fn send_one(
         &self,
         ticket: &TableTicket,
-    ) -> Result<(Option<SchemaRef>, Vec<RecordBatch>)> {
+        tx: mpsc::Sender<RecordBatch>,
+    ) -> Result<Option<SchemaRef>> {
         let what = format!("{}.{}@{}", ticket.layer, ticket.table, ticket.version);
         let error = |source| Error::Read {
             endpoint: self.endpoint.clone(),
@@ -66,48 +79,101 @@ impl FlightReader {
             .do_get(Ticket::new(ticket.encode()))
             .await
             .map_err(error)?;
-        let mut batches = Vec::new();
         while let Some(batch) = stream.next().await {
-            batches.push(batch.map_err(error)?);
+            if tx.send(batch.map_err(error)?).await.is_err() {
+                break; // the consumer has stopped
+            }
         }
-        Ok((stream.schema().cloned(), batches))
+        Ok(stream.schema().cloned())
     }
 
-    /// Reads every ticket into memory (batches in ticket order), a few partitions at a time
-    /// so decoding on the serving side runs in parallel; the schema comes even without rows.
-    pub async fn read_all(&self, tickets: &[TableTicket]) -> Result<(SchemaRef, Vec<RecordBatch>)> {
-        // Owned reader and tickets in the stream: its future stays `Send` for any caller.
+    /// Streams every batch of `tickets` in ticket order while a few partitions ahead are
+    /// already being fetched (so decoding on the serving side runs in parallel). Memory stays
+    /// bounded: each partition ahead buffers at most a few batches.
+    pub fn stream(&self, tickets: &[TableTicket]) -> BatchStream {
         let reader = self.clone();
-        let parts: Vec<_> = futures::stream::iter(tickets.to_vec())
+        // Each partition is fetched by its own task into a small channel; `buffered` starts
+        // the next ones as soon as the consumer moves past the first.
+        let partitions = futures::stream::iter(tickets.to_vec())
             .map(move |ticket| {
                 let reader = reader.clone();
-                async move { reader.read_one(&ticket).await }
+                let (tx, rx) = mpsc::channel(BATCHES_AHEAD_PER_PARTITION);
+                let task = tokio::spawn(async move { reader.send_one(&ticket, tx).await });
+                futures::future::ready((rx, AbortOnDrop(task)))
             })
             .buffered(PARALLEL_PARTITIONS)
-            .try_collect()
-            .await?;
-        let mut schema: Option<SchemaRef> = None;
-        let mut batches = Vec::new();
-        for (got, part) in parts {
-            match (&schema, got) {
-                (None, Some(s)) => schema = Some(s),
-                (Some(a), Some(b)) if a.fields() != b.fields() => {
-                    return Err(Error::Schema {
-                        what: tickets
-                            .first()
-                            .map(|t| format!("{}.{}", t.layer, t.table))
-                            .unwrap_or_default(),
-                        detail: format!("{a:?} vs {b:?}"),
-                    });
-                }
-                _ => {}
-            }
-            batches.extend(part);
+            .boxed();
+        BatchStream {
+            partitions,
+            current: None,
+            schema: None,
+            what: tickets
+                .first()
+                .map(|t| format!("{}.{}", t.layer, t.table))
+                .unwrap_or_else(|| "tickets".into()),
         }
-        let schema = schema.ok_or_else(|| Error::Schema {
-            what: "tickets".into(),
+    }
+
+    /// Reads every ticket into memory (batches in ticket order); the schema comes even
+    /// without rows.
+    pub async fn read_all(&self, tickets: &[TableTicket]) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+        let mut stream = self.stream(tickets);
+        let mut batches = Vec::new();
+        while let Some(batch) = stream.next_batch().await? {
+            batches.push(batch);
+        }
+        Ok((stream.schema()?, batches))
+    }
+}
+
+type Partition = (
+    mpsc::Receiver<RecordBatch>,
+    AbortOnDrop<Result<Option<SchemaRef>>>,
+);
+
+/// The batches of several tickets in ticket order; see [`FlightReader::stream`].
+pub struct BatchStream {
+    partitions: BoxStream<'static, Partition>,
+    current: Option<Partition>,
+    schema: Option<SchemaRef>,
+    what: String,
+}
+
+impl BatchStream {
+    /// The next batch, or `None` after the last ticket's last batch.
+    pub async fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
+        loop {
+            if let Some((rx, task)) = &mut self.current {
+                if let Some(batch) = rx.recv().await {
+                    return Ok(Some(batch));
+                }
+                let got = (&mut task.0)
+                    .await
+                    .map_err(|e| Error::Task(e.to_string()))??;
+                self.current = None;
+                match (&self.schema, got) {
+                    (None, Some(s)) => self.schema = Some(s),
+                    (Some(a), Some(b)) if a.fields() != b.fields() => {
+                        return Err(Error::Schema {
+                            what: self.what.clone(),
+                            detail: format!("{a:?} vs {b:?}"),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            match self.partitions.next().await {
+                Some(partition) => self.current = Some(partition),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// The tables' schema, known once the stream has ended (it arrives even without rows).
+    pub fn schema(&self) -> Result<SchemaRef> {
+        self.schema.clone().ok_or_else(|| Error::Schema {
+            what: self.what.clone(),
             detail: "no ticket returned a schema".into(),
-        })?;
-        Ok((schema, batches))
+        })
     }
 }

@@ -7,7 +7,7 @@
 mod client;
 mod server;
 
-pub use client::{FlightReader, connect};
+pub use client::{BatchStream, FlightReader, connect};
 pub use server::LayerFlightService;
 
 use medallion_spec::Layer;
@@ -88,6 +88,8 @@ pub enum Error {
     },
     #[error("Flight read of {what} returned inconsistent schemas: {detail}")]
     Schema { what: String, detail: String },
+    #[error("a Flight partition reader stopped unexpectedly: {0}")]
+    Task(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

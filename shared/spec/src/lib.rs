@@ -8,7 +8,9 @@ mod model;
 mod validate;
 
 pub use model::*;
-pub use validate::{Dag, DagNode, column_references, sql_column_references, sql_table_references};
+pub use validate::{
+    Dag, DagNode, column_references, is_row_local, sql_column_references, sql_table_references,
+};
 
 /// A spec problem, located by the path of the field at fault (e.g. `silver[1].expectations[0].expr`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -140,3 +140,25 @@ fn columns_read_are_what_a_table_uses() {
     .expect("columns");
     assert!(used.contains("a") && used.contains("b"), "{used:?}");
 }
+
+#[test]
+fn row_local_expressions_are_told_apart() {
+    for expr in [
+        "l_quantity > 0",
+        "substr(o_orderdate, 1, 7)",
+        "CASE WHEN a IS NULL THEN 0 ELSE CAST(a AS INT) END",
+        "upper(trim(name)) || '-' || coalesce(code, '?')",
+    ] {
+        assert!(crate::is_row_local(expr), "{expr} is row-local");
+    }
+    for expr in [
+        "sum(x)",
+        "x - avg(x) OVER ()",
+        "row_number() OVER (ORDER BY x)",
+        "x IN (SELECT y FROM t)",
+        "my_udf(x)",
+        "not sql at all (",
+    ] {
+        assert!(!crate::is_row_local(expr), "{expr} is not row-local");
+    }
+}

@@ -84,6 +84,90 @@ pub fn column_references(expr: &str) -> Result<BTreeSet<String>, String> {
     Ok(columns)
 }
 
+/// Functions whose value for a row depends on that row alone (polars SQL names).
+const ROW_FUNCTIONS: &[&str] = &[
+    "abs",
+    "cbrt",
+    "ceil",
+    "ceiling",
+    "exp",
+    "floor",
+    "ln",
+    "log",
+    "log10",
+    "log2",
+    "mod",
+    "pow",
+    "power",
+    "round",
+    "sign",
+    "sqrt",
+    "bit_length",
+    "btrim",
+    "char_length",
+    "concat",
+    "concat_ws",
+    "ends_with",
+    "initcap",
+    "left",
+    "length",
+    "lower",
+    "lpad",
+    "ltrim",
+    "octet_length",
+    "regexp_like",
+    "replace",
+    "reverse",
+    "right",
+    "rpad",
+    "rtrim",
+    "split_part",
+    "starts_with",
+    "strpos",
+    "strptime",
+    "substr",
+    "substring",
+    "timestamp",
+    "upper",
+    "coalesce",
+    "greatest",
+    "ifnull",
+    "least",
+    "nullif",
+    "date",
+    "date_part",
+    "date_trunc",
+    "strftime",
+];
+
+/// Whether a SQL expression computes each row from that row alone: no aggregate, window or
+/// subquery, and only functions known to be row-wise. Such an expression gives the same result
+/// on a whole table as on each of its chunks; anything else (or anything unparsable) is `false`.
+pub fn is_row_local(expr: &str) -> bool {
+    let Ok(mut parser) = Parser::new(&GenericDialect {}).try_with_sql(expr) else {
+        return false;
+    };
+    let Ok(parsed) = parser.parse_expr() else {
+        return false;
+    };
+    if parser.peek_token().token != sqlparser::tokenizer::Token::EOF {
+        return false; // trailing text: not one expression
+    }
+    let flow = visit_expressions(&parsed, |e| match e {
+        Expr::Subquery(_) | Expr::Exists { .. } | Expr::InSubquery { .. } => ControlFlow::Break(()),
+        Expr::Function(f) => {
+            let name = f.name.to_string().to_ascii_lowercase();
+            if f.over.is_some() || f.filter.is_some() || !ROW_FUNCTIONS.contains(&name.as_str()) {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        }
+        _ => ControlFlow::Continue(()),
+    });
+    flow.is_continue()
+}
+
 /// The column names a SQL query may read: every identifier in it (aliases too, which only
 /// over-approximates). `None` when only the data can tell: `*`, `USING` or `NATURAL` joins.
 pub fn sql_column_references(sql: &str) -> Result<Option<BTreeSet<String>>, String> {

@@ -240,6 +240,12 @@ impl TaskError {
     }
 }
 
+impl From<medallion_flight::Error> for TaskError {
+    fn from(e: medallion_flight::Error) -> TaskError {
+        TaskError::internal(e)
+    }
+}
+
 /// An error and its causes as one line, each cause once ("a: b: c").
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
