@@ -12,10 +12,11 @@ use medallion_spec::{GoldSpec, LoadMode, Pipeline, TableRef};
 use medallion_stage::{Manifest, Progress, TaskError, TaskRequest, TaskRunner};
 use medallion_warehouse::{PostgresSink, QualifiedName};
 use polars::prelude::*;
+use tracing::Instrument as _;
 
 pub struct Aggregator {
     pub lake: Lake,
-    pub silver_flight: String,
+    pub silver_flight: FlightReader,
 }
 
 /// Runs a gold table's query over its input frames, registered under their silver names.
@@ -66,9 +67,7 @@ impl Aggregator {
         progress: &Progress,
         cancel: &CancellationToken,
     ) -> Result<Manifest, TaskError> {
-        let reader = FlightReader::connect(&self.silver_flight)
-            .await
-            .map_err(TaskError::internal)?;
+        let reader = &self.silver_flight;
         let mut inputs = BTreeMap::new();
         for dep in task.dependencies() {
             let tickets = task.input_tickets(&dep)?;
@@ -136,15 +135,40 @@ impl Aggregator {
         let batches = futures::stream::iter(files)
             .map(move |f| lake.read_file(&reader_snapshot, &f, 64 * 1024))
             .flatten();
-        let mut sink = PostgresSink::connect(&url)
-            .await
-            .map_err(TaskError::internal)?;
-        let report = sink
-            .load(&name, &snapshot.schema, batches, mode)
-            .await
-            .map_err(|e| {
-                TaskError::internal(format!("loading gold.{} into {name}: {e}", spec.name))
-            })?;
+        let span = tracing::info_span!(
+            "warehouse.load",
+            table = %task.table,
+            target = %name,
+            version = snapshot.version,
+            rows = tracing::field::Empty,
+        );
+        let started = std::time::Instant::now();
+        let report = async {
+            let mut sink = PostgresSink::connect(&url)
+                .await
+                .map_err(TaskError::internal)?;
+            sink.load(&name, &snapshot.schema, batches, mode)
+                .await
+                .map_err(|e| {
+                    TaskError::internal(format!("loading gold.{} into {name}: {e}", spec.name))
+                })
+        }
+        .instrument(span.clone())
+        .await?;
+        span.record("rows", report.rows);
+        let labels = medallion_telemetry::metrics::WarehouseLabels {
+            table: task.table.to_string(),
+            target: name.to_string(),
+        };
+        let metrics = medallion_telemetry::metrics::metrics();
+        metrics
+            .warehouse_load_seconds
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        metrics
+            .warehouse_rows
+            .get_or_create(&labels)
+            .inc_by(report.rows);
         tracing::info!(table = %task.table, target = %name, rows = report.rows, "warehouse loaded");
         Ok(())
     }

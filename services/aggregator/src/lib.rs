@@ -34,6 +34,8 @@ pub struct Config {
     /// Tasks this replica runs at once (each holds its tables in memory); more wait their turn.
     #[arg(long, env = "MEDALLION_AGGREGATOR_MAX_TASKS", default_value_t = 1)]
     pub max_tasks: usize,
+    #[command(flatten)]
+    pub service: medallion_server::ServiceOptions,
 }
 
 /// Serves the stage API and gold Flight until `shutdown` is cancelled.
@@ -42,7 +44,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let listener = medallion_server::bind(&config.listen).await?;
     let runner = aggregate::Aggregator {
         lake: lake.clone(),
-        silver_flight: config.silver_flight,
+        silver_flight: medallion_flight::FlightReader::new(
+            medallion_server::channel(&config.silver_flight, &config.service.tls)?,
+            &config.silver_flight,
+        ),
     };
     medallion_stage::serve_layer(
         runner,
@@ -50,6 +55,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         lake,
         vec![Layer::Gold],
         listener,
+        &config.service,
         shutdown,
     )
     .await?;

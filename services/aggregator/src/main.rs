@@ -10,8 +10,10 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    medallion_server::init_logging();
     let cli = Cli::parse();
+    let telemetry = medallion_telemetry::init("medallion-aggregator");
     let shutdown = medallion_server::shutdown_on_signals();
-    medallion_aggregator::run(cli.config, shutdown).await
+    let result = medallion_aggregator::run(cli.config, shutdown).await;
+    telemetry.shutdown().await;
+    result
 }

@@ -82,7 +82,7 @@ async fn services_path(
     };
     let stack = stack::Stack::start(&stack_args).await?;
     let result = async {
-        let mut client = crate::connect(&stack.coordinator).await?;
+        let mut client = crate::connect(&stack.coordinator, &crate::Access::default()).await?;
         crate::apply_text(
             &mut client,
             demo::TPCH_SPEC.to_string(),

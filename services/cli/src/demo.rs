@@ -124,7 +124,7 @@ fn redact(url: &str) -> String {
 }
 
 async fn run_demo(stack: &stack::Stack, work: &Path) -> anyhow::Result<()> {
-    let mut client = crate::connect(&stack.coordinator).await?;
+    let mut client = crate::connect(&stack.coordinator, &crate::Access::default()).await?;
     let pipeline = crate::apply_text(
         &mut client,
         TPCH_SPEC.to_string(),
@@ -149,7 +149,7 @@ async fn run_demo(stack: &stack::Stack, work: &Path) -> anyhow::Result<()> {
     display::watch(&mut client, &run.id).await?;
     for table in ["gold.pricing_summary", "gold.monthly_revenue"] {
         println!();
-        display::print_table(&stack.aggregator, table, None, 30).await?;
+        display::print_table(&stack.aggregator, &Default::default(), table, None, 30).await?;
     }
     Ok(())
 }

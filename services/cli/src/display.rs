@@ -10,10 +10,7 @@ use anyhow::{Context, bail};
 use arrow::{record_batch::RecordBatch, util::pretty::pretty_format_batches};
 use arrow_flight::{FlightClient, FlightDescriptor};
 use futures::TryStreamExt;
-use medallion_proto::v1::{
-    self as pb, pipeline_service_client::PipelineServiceClient, run_event::Event,
-};
-use tonic::transport::Channel;
+use medallion_proto::v1::{self as pb, run_event::Event};
 
 pub fn table_name(t: &pb::TableId) -> String {
     let layer = match pb::Layer::try_from(t.layer) {
@@ -80,10 +77,7 @@ fn action(a: i32) -> &'static str {
 }
 
 /// Follows a run live, then prints its summary; an error if the run did not succeed.
-pub async fn watch(
-    client: &mut PipelineServiceClient<Channel>,
-    run_id: &str,
-) -> anyhow::Result<()> {
+pub async fn watch(client: &mut crate::Client, run_id: &str) -> anyhow::Result<()> {
     let mut events = client
         .watch_run(pb::WatchRunRequest {
             run_id: run_id.to_string(),
@@ -290,6 +284,7 @@ pub struct QueryArgs {
 /// Reads up to `limit` rows of a table over Flight.
 pub async fn read_table(
     endpoint: &str,
+    tls: &medallion_server::TlsOptions,
     table: &str,
     version: Option<i64>,
     limit: usize,
@@ -297,7 +292,10 @@ pub async fn read_table(
     let (layer, name) = table
         .split_once('.')
         .with_context(|| format!("`{table}` must be written layer.table"))?;
-    let channel = medallion_flight::connect(endpoint).await?;
+    let channel = medallion_server::endpoint(endpoint, tls)?
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach {endpoint}"))?;
     let mut client = FlightClient::new(channel);
     let mut path = vec![layer.to_string(), name.to_string()];
     if let Some(v) = version {
@@ -339,11 +337,12 @@ pub fn default_flight(table: &str, base_port: u16) -> String {
 
 pub async fn print_table(
     endpoint: &str,
+    tls: &medallion_server::TlsOptions,
     table: &str,
     version: Option<i64>,
     limit: usize,
 ) -> anyhow::Result<()> {
-    let (total, batches) = read_table(endpoint, table, version, limit).await?;
+    let (total, batches) = read_table(endpoint, tls, table, version, limit).await?;
     let shown: usize = batches.iter().map(RecordBatch::num_rows).sum();
     println!(
         "{table} ({} rows{})",
@@ -360,10 +359,10 @@ pub async fn print_table(
     Ok(())
 }
 
-pub async fn query(args: QueryArgs) -> anyhow::Result<()> {
+pub async fn query(args: QueryArgs, tls: &medallion_server::TlsOptions) -> anyhow::Result<()> {
     let endpoint = args
         .flight
         .clone()
         .unwrap_or_else(|| default_flight(&args.table, args.base_port));
-    print_table(&endpoint, &args.table, args.version, args.limit).await
+    print_table(&endpoint, tls, &args.table, args.version, args.limit).await
 }

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use medallion_proto::v1::{self as pb, pipeline_service_client::PipelineServiceClient};
-use tonic::transport::Channel;
+use tonic::{codegen::InterceptedService, transport::Channel};
 
 #[derive(Parser)]
 #[command(
@@ -28,9 +28,47 @@ struct Cli {
         default_value = "http://127.0.0.1:50060"
     )]
     coordinator: String,
+    /// Bearer token for the coordinator's API, when it requires one.
+    #[arg(
+        long,
+        global = true,
+        env = "MEDALLION_API_TOKEN",
+        hide_env_values = true
+    )]
+    api_token: Option<String>,
+    #[command(flatten)]
+    tls: medallion_server::TlsOptions,
     #[command(subcommand)]
     command: Command,
 }
+
+/// How this CLI reaches the services: the coordinator's bearer token and TLS settings.
+#[derive(Clone, Default)]
+pub struct Access {
+    pub token: Option<String>,
+    pub tls: medallion_server::TlsOptions,
+}
+
+/// Adds `authorization: Bearer <token>` to every call when a token is set.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A client of the coordinator's pipeline API.
+pub type Client = PipelineServiceClient<InterceptedService<Channel, Bearer>>;
 
 #[derive(Subcommand)]
 enum Command {
@@ -86,20 +124,31 @@ enum Command {
     Demo(demo::DemoArgs),
 }
 
-async fn connect(endpoint: &str) -> anyhow::Result<PipelineServiceClient<Channel>> {
-    let channel = Channel::from_shared(endpoint.to_string())
+async fn connect(endpoint: &str, access: &Access) -> anyhow::Result<Client> {
+    let channel = medallion_server::endpoint(endpoint, &access.tls)
         .with_context(|| format!("invalid coordinator URL {endpoint}"))?
         .connect()
         .await
         .with_context(|| {
             format!("cannot reach the coordinator at {endpoint} (is `medallion up` running?)")
         })?;
-    Ok(PipelineServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+    let bearer = match &access.token {
+        Some(token) => Some(
+            format!("Bearer {token}")
+                .parse()
+                .context("the API token must be printable ASCII")?,
+        ),
+        None => None,
+    };
+    Ok(
+        PipelineServiceClient::with_interceptor(channel, Bearer(bearer))
+            .max_decoding_message_size(64 * 1024 * 1024),
+    )
 }
 
 /// Reads a spec file and applies it with its folder as the base of relative source paths.
 pub async fn apply_file(
-    client: &mut PipelineServiceClient<Channel>,
+    client: &mut Client,
     file: &std::path::Path,
 ) -> anyhow::Result<pb::Pipeline> {
     let spec_yaml =
@@ -112,7 +161,7 @@ pub async fn apply_file(
 }
 
 pub async fn apply_text(
-    client: &mut PipelineServiceClient<Channel>,
+    client: &mut Client,
     spec_yaml: String,
     base_dir: String,
 ) -> anyhow::Result<pb::Pipeline> {
@@ -131,10 +180,14 @@ pub async fn apply_text(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let access = Access {
+        token: cli.api_token.clone(),
+        tls: cli.tls.clone(),
+    };
     match cli.command {
         Command::Up(args) => stack::up(args).await,
         Command::Apply { file } => {
-            let mut client = connect(&cli.coordinator).await?;
+            let mut client = connect(&cli.coordinator, &access).await?;
             let p = apply_file(&mut client, &file).await?;
             println!(
                 "applied pipeline {} (revision {}) with {} tables",
@@ -163,7 +216,7 @@ async fn main() -> anyhow::Result<()> {
             full_refresh,
             tables,
         } => {
-            let mut client = connect(&cli.coordinator).await?;
+            let mut client = connect(&cli.coordinator, &access).await?;
             let run = client
                 .trigger_run(pb::TriggerRunRequest {
                     pipeline,
@@ -180,11 +233,11 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Watch { run } => {
-            let mut client = connect(&cli.coordinator).await?;
+            let mut client = connect(&cli.coordinator, &access).await?;
             display::watch(&mut client, &run).await
         }
         Command::Cancel { run } => {
-            let mut client = connect(&cli.coordinator).await?;
+            let mut client = connect(&cli.coordinator, &access).await?;
             client
                 .cancel_run(pb::CancelRunRequest {
                     run_id: run.clone(),
@@ -195,7 +248,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Runs { pipeline, limit } => {
-            let mut client = connect(&cli.coordinator).await?;
+            let mut client = connect(&cli.coordinator, &access).await?;
             let runs = client
                 .list_runs(pb::ListRunsRequest {
                     pipeline: pipeline.unwrap_or_default(),
@@ -209,7 +262,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Show { run } => {
-            let mut client = connect(&cli.coordinator).await?;
+            let mut client = connect(&cli.coordinator, &access).await?;
             let run = client
                 .get_run(pb::GetRunRequest { run_id: run })
                 .await
@@ -219,7 +272,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Pipelines => {
-            let mut client = connect(&cli.coordinator).await?;
+            let mut client = connect(&cli.coordinator, &access).await?;
             let list = client
                 .list_pipelines(pb::ListPipelinesRequest {})
                 .await
@@ -240,7 +293,7 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Query(args) => display::query(args).await,
+        Command::Query(args) => display::query(args, &access.tls).await,
         Command::GenTpch {
             dir,
             scale_factor,

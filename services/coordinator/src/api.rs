@@ -332,3 +332,47 @@ impl pb::pipeline_service_server::PipelineService for PipelineApi {
         )))
     }
 }
+
+/// Checks `authorization: Bearer <token>` on every PipelineService call when a token is set.
+#[derive(Clone)]
+pub struct BearerAuth {
+    expected: Option<Arc<[u8]>>,
+}
+
+impl BearerAuth {
+    pub fn new(token: Option<String>) -> Self {
+        BearerAuth {
+            expected: token.map(|t| Arc::from(t.into_bytes())),
+        }
+    }
+}
+
+/// Compares in time independent of where the first difference is.
+fn same_token(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+impl tonic::service::Interceptor for BearerAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.expected else {
+            return Ok(request);
+        };
+        let given = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(token) if same_token(token.trim().as_bytes(), expected) => Ok(request),
+            Some(_) => Err(Status::unauthenticated("the bearer token is not valid")),
+            None => Err(Status::unauthenticated(
+                "this API needs a bearer token: send `authorization: Bearer <token>` (the CLI reads MEDALLION_API_TOKEN)",
+            )),
+        }
+    }
+}

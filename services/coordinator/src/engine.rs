@@ -320,7 +320,21 @@ impl Engine {
             },
         );
         let engine = self.clone();
-        let span = tracing::info_span!("run", run = %run_id, trigger);
+        let pipeline = self
+            .state()
+            .runs
+            .get(&run_id)
+            .map(|r| r.pipeline.clone())
+            .unwrap_or_default();
+        // The root of the run's trace: every task, stage call, Flight read and commit of the
+        // run, in every service, is below it.
+        let span = tracing::info_span!(
+            "run",
+            otel.name = %format!("run {pipeline}"),
+            medallion.pipeline = %pipeline,
+            medallion.run_id = %run_id,
+            trigger,
+        );
         tokio::spawn(tracing::Instrument::instrument(
             async move { engine.execute(run_id, cancel).await },
             span,
@@ -580,12 +594,21 @@ impl Engine {
                     let policy = parsed.policy(&table_ref);
                     let engine = self.clone();
                     let (run_id, cancel) = (run_id.clone(), cancel.clone());
-                    let handle = running.spawn(async move {
-                        let outcome = engine
-                            .run_task(&run_id, table_ref.clone(), request, policy, cancel)
-                            .await;
-                        (table_ref.to_string(), outcome)
-                    });
+                    let span = tracing::info_span!(
+                        "task",
+                        otel.name = %format!("task {table_ref}"),
+                        table = %table_ref,
+                        medallion.run_id = %run_id,
+                    );
+                    let handle = running.spawn(tracing::Instrument::instrument(
+                        async move {
+                            let outcome = engine
+                                .run_task(&run_id, table_ref.clone(), request, policy, cancel)
+                                .await;
+                            (table_ref.to_string(), outcome)
+                        },
+                        span,
+                    ));
                     spawned.insert(handle.id(), table.clone());
                     progressed = true;
                 }
@@ -645,6 +668,15 @@ impl Engine {
     }
 
     fn finish(&self, run_id: &str, state: RunState, error: Option<String>) {
+        if let Some(run) = self.state().runs.get(run_id) {
+            medallion_telemetry::metrics::metrics()
+                .runs
+                .get_or_create(&medallion_telemetry::metrics::RunLabels {
+                    pipeline: run.pipeline.clone(),
+                    outcome: format!("{state:?}").to_lowercase(),
+                })
+                .inc();
+        }
         self.record(
             run_id,
             Some(EventKind::RunFinished {
@@ -780,7 +812,20 @@ impl Engine {
         let name = table.to_string();
         let mut client = StageServiceClient::new(self.endpoints.for_layer(table.layer))
             .max_decoding_message_size(64 * 1024 * 1024);
-        let mut stream = client.run_task(request).await?.into_inner();
+        let span = tracing::info_span!(
+            "stage.run_task",
+            otel.kind = "client",
+            table = %name,
+            task = %request.task_id,
+        );
+        let mut request = tonic::Request::new(request);
+        {
+            let _entered = span.enter();
+            medallion_telemetry::inject_context(request.metadata_mut());
+        }
+        let mut stream = tracing::Instrument::instrument(client.run_task(request), span.clone())
+            .await?
+            .into_inner();
         loop {
             let message = tokio::select! {
                 m = stream.message() => m?,

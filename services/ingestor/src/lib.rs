@@ -26,6 +26,8 @@ pub struct Config {
     /// Tasks this replica runs at once (each holds its tables in memory); more wait their turn.
     #[arg(long, env = "MEDALLION_INGESTOR_MAX_TASKS", default_value_t = 2)]
     pub max_tasks: usize,
+    #[command(flatten)]
+    pub service: medallion_server::ServiceOptions,
 }
 
 /// Serves the stage API and bronze Flight until `shutdown` is cancelled.
@@ -39,6 +41,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         lake,
         vec![Layer::Bronze],
         listener,
+        &config.service,
         shutdown,
     )
     .await?;

@@ -33,6 +33,8 @@ pub struct Config {
     /// Tasks this replica runs at once (each holds its tables in memory); more wait their turn.
     #[arg(long, env = "MEDALLION_REFINER_MAX_TASKS", default_value_t = 1)]
     pub max_tasks: usize,
+    #[command(flatten)]
+    pub service: medallion_server::ServiceOptions,
 }
 
 /// Serves the stage API and silver and quarantine Flight until `shutdown` is cancelled.
@@ -41,7 +43,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let listener = medallion_server::bind(&config.listen).await?;
     let runner = refine::Refiner {
         lake: lake.clone(),
-        bronze_flight: config.bronze_flight,
+        bronze_flight: medallion_flight::FlightReader::new(
+            medallion_server::channel(&config.bronze_flight, &config.service.tls)?,
+            &config.bronze_flight,
+        ),
     };
     medallion_stage::serve_layer(
         runner,
@@ -49,6 +54,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         lake,
         vec![Layer::Silver, Layer::Quarantine],
         listener,
+        &config.service,
         shutdown,
     )
     .await?;

@@ -18,7 +18,7 @@ use crate::transform::{self, RowOutput, RowStage};
 
 pub struct Refiner {
     pub lake: Lake,
-    pub bronze_flight: String,
+    pub bronze_flight: FlightReader,
 }
 
 /// Input rows gathered before the row stage runs on them: large enough that polars
@@ -31,10 +31,7 @@ impl Refiner {
     async fn open_input(&self, task: &TaskRequest, table: &TableRef) -> Result<Input, TaskError> {
         let tickets = task.input_tickets(table)?;
         match table.layer {
-            Layer::Bronze => {
-                let reader = FlightReader::connect(&self.bronze_flight).await?;
-                Ok(Input::Flight(reader.stream(&tickets)))
-            }
+            Layer::Bronze => Ok(Input::Flight(self.bronze_flight.stream(&tickets))),
             // Silver is this service's own layer: read it from the lake directly.
             Layer::Silver => {
                 let version = tickets.first().map(|t| t.version);

@@ -4,7 +4,8 @@ use arrow::{datatypes::SchemaRef, record_batch::RecordBatch};
 use arrow_flight::{FlightClient, Ticket};
 use futures::{StreamExt, stream::BoxStream};
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
+use tracing::Instrument;
 
 /// Partitions of one table read at once.
 const PARALLEL_PARTITIONS: usize = 4;
@@ -22,24 +23,6 @@ impl<T> Drop for AbortOnDrop<T> {
 
 use crate::{Error, Result, TableTicket};
 
-/// Opens a channel with the large HTTP/2 windows Flight needs for throughput.
-pub async fn connect(endpoint: &str) -> Result<Channel> {
-    let window = 16 * 1024 * 1024;
-    Endpoint::from_shared(endpoint.to_string())
-        .map_err(|source| Error::Connect {
-            endpoint: endpoint.to_string(),
-            source,
-        })?
-        .initial_stream_window_size(window)
-        .initial_connection_window_size(window)
-        .connect()
-        .await
-        .map_err(|source| Error::Connect {
-            endpoint: endpoint.to_string(),
-            source,
-        })
-}
-
 /// Reads tables from one layer service's Flight face.
 #[derive(Clone)]
 pub struct FlightReader {
@@ -48,11 +31,12 @@ pub struct FlightReader {
 }
 
 impl FlightReader {
-    pub async fn connect(endpoint: &str) -> Result<Self> {
-        Ok(FlightReader {
+    /// A reader over an existing channel; `endpoint` names it in errors.
+    pub fn new(channel: Channel, endpoint: &str) -> Self {
+        FlightReader {
             endpoint: endpoint.to_string(),
-            channel: connect(endpoint).await?,
-        })
+            channel,
+        }
     }
 
     fn client(&self) -> FlightClient {
@@ -74,16 +58,31 @@ impl FlightReader {
             what: what.clone(),
             source,
         };
-        let mut stream = self
-            .client()
+        let mut client = self.client();
+        medallion_telemetry::inject_context(client.metadata_mut());
+        let mut stream = client
             .do_get(Ticket::new(ticket.encode()))
             .await
             .map_err(error)?;
+        let received = medallion_telemetry::metrics::metrics()
+            .flight_received_bytes
+            .get_or_create_owned(&medallion_telemetry::metrics::table(
+                ticket.layer,
+                &ticket.table,
+            ));
+        let (mut rows, mut bytes) = (0u64, 0u64);
         while let Some(batch) = stream.next().await {
-            if tx.send(batch.map_err(error)?).await.is_err() {
+            let batch = batch.map_err(error)?;
+            rows += batch.num_rows() as u64;
+            bytes += batch.get_array_memory_size() as u64;
+            received.inc_by(batch.get_array_memory_size() as u64);
+            if tx.send(batch).await.is_err() {
                 break; // the consumer has stopped
             }
         }
+        let span = tracing::Span::current();
+        span.record("rows", rows);
+        span.record("bytes", bytes);
         Ok(stream.schema().cloned())
     }
 
@@ -98,7 +97,18 @@ impl FlightReader {
             .map(move |ticket| {
                 let reader = reader.clone();
                 let (tx, rx) = mpsc::channel(BATCHES_AHEAD_PER_PARTITION);
-                let task = tokio::spawn(async move { reader.send_one(&ticket, tx).await });
+                let span = tracing::info_span!(
+                    "flight.do_get",
+                    otel.kind = "client",
+                    table = %format!("{}.{}", ticket.layer, ticket.table),
+                    version = ticket.version,
+                    partition = ticket.partition,
+                    rows = tracing::field::Empty,
+                    bytes = tracing::field::Empty,
+                );
+                let task = tokio::spawn(
+                    async move { reader.send_one(&ticket, tx).await }.instrument(span),
+                );
                 futures::future::ready((rx, AbortOnDrop(task)))
             })
             .buffered(PARALLEL_PARTITIONS)

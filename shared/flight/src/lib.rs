@@ -7,7 +7,7 @@
 mod client;
 mod server;
 
-pub use client::{BatchStream, FlightReader, connect};
+pub use client::{BatchStream, FlightReader};
 pub use server::LayerFlightService;
 
 use medallion_spec::Layer;
@@ -75,11 +75,6 @@ impl TableTicket {
 pub enum Error {
     #[error("invalid Flight ticket: {0}")]
     BadTicket(String),
-    #[error("cannot connect to Flight endpoint {endpoint}: {source}")]
-    Connect {
-        endpoint: String,
-        source: tonic::transport::Error,
-    },
     #[error("Flight read of {what} from {endpoint} failed: {source}")]
     Read {
         endpoint: String,

@@ -218,7 +218,17 @@ impl FlightService for LayerFlightService {
             .with_max_flight_data_size(MAX_FLIGHT_MESSAGE_BYTES)
             .build(batches)
             .map_err(Status::from);
-        Ok(Response::new(encoded.boxed()))
+        // Counted as the messages leave, so the rate of this counter is Flight bytes/s.
+        let sent = medallion_telemetry::metrics::metrics()
+            .flight_sent_bytes
+            .get_or_create_owned(&medallion_telemetry::metrics::table(
+                ticket.layer,
+                &ticket.table,
+            ));
+        let counted = encoded.inspect_ok(move |data| {
+            sent.inc_by((data.data_header.len() + data.data_body.len()) as u64);
+        });
+        Ok(Response::new(counted.boxed()))
     }
 
     async fn do_put(

@@ -13,7 +13,7 @@ use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter as _, RecordBatchWriter};
 use deltalake::{DeltaTableError, Path};
 use futures::StreamExt as _;
-use tracing::{info, warn};
+use tracing::{Instrument as _, info, warn};
 
 use crate::{Ctx, Error, Lake, Result, TARGET_FILE_SIZE, version_i64};
 
@@ -152,7 +152,34 @@ impl TableWriter {
 
     /// Finishes the open part (untagged) and makes everything visible in one Delta commit,
     /// unless the table already holds `app_id` at `txn_version` or later.
-    pub async fn commit(mut self, spec: CommitSpec) -> Result<CommitOutcome> {
+    pub async fn commit(self, spec: CommitSpec) -> Result<CommitOutcome> {
+        let span = tracing::info_span!(
+            "delta.commit",
+            layer = %self.ctx.layer,
+            table = %self.ctx.table,
+            rows = self.rows,
+            app_id = %spec.app_id,
+            txn_version = spec.txn_version,
+            version = tracing::field::Empty,
+            bytes = tracing::field::Empty,
+            committed = tracing::field::Empty,
+        );
+        let outcome = self.commit_in_span(spec).instrument(span.clone()).await?;
+        match &outcome {
+            CommitOutcome::Committed { version, bytes, .. } => {
+                span.record("version", version);
+                span.record("bytes", bytes);
+                span.record("committed", true);
+            }
+            CommitOutcome::AlreadyCommitted { version } => {
+                span.record("version", version);
+                span.record("committed", false);
+            }
+        }
+        Ok(outcome)
+    }
+
+    async fn commit_in_span(mut self, spec: CommitSpec) -> Result<CommitOutcome> {
         self.finish_part(BTreeMap::new()).await?;
         let ctx = self.ctx.clone();
         let write_schema = ctx.kernel_schema(&self.schema)?;

@@ -1,13 +1,21 @@
 //! Bootstrap every Medallion service shares: one `serve()` that adds gRPC health and
-//! reflection to a service's routes, tuned HTTP/2 windows for Arrow Flight, logging set-up,
-//! and shutdown on SIGINT/SIGTERM through a cancellation token.
+//! reflection to a service's routes, tuned HTTP/2 windows for Arrow Flight, TLS, a span per
+//! call and a Prometheus endpoint; channels to other services; and shutdown on SIGINT/SIGTERM
+//! through a cancellation token.
 
-use std::time::Duration;
+mod tls;
+
+use std::{net::SocketAddr, time::Duration};
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 pub use tokio_util::sync::CancellationToken;
-use tonic::service::Routes;
+use tonic::{
+    service::Routes,
+    transport::{Channel, Endpoint},
+};
+
+pub use tls::{TlsOptions, install_crypto_provider};
 
 /// HTTP/2 stream and connection window: the lever for Flight throughput on one host (STACK.md).
 pub const FLIGHT_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
@@ -23,9 +31,58 @@ pub enum Error {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("cannot read the TLS {what} {path}: {source}")]
+    TlsFile {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("mutual TLS needs a CA bundle (--tls-ca) to check client certificates against")]
+    TlsClientAuthWithoutCa,
+    #[error("invalid service URL `{url}`: {reason}")]
+    Url { url: String, reason: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Options every service process has: its metrics endpoint and TLS.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ServiceOptions {
+    /// Address to serve Prometheus metrics on (`GET /metrics`), e.g. `0.0.0.0:9464`. Off
+    /// when unset.
+    #[arg(long, env = "MEDALLION_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    #[command(flatten)]
+    pub tls: TlsOptions,
+}
+
+/// A lazily connecting channel to another service at `url`, with the HTTP/2 windows Flight
+/// needs and TLS for `https://` URLs.
+pub fn channel(url: &str, tls: &TlsOptions) -> Result<Channel> {
+    Ok(endpoint(url, tls)?.connect_lazy())
+}
+
+/// The endpoint [`channel`] connects to, for callers that want to connect eagerly.
+pub fn endpoint(url: &str, tls: &TlsOptions) -> Result<Endpoint> {
+    let bad = |reason: String| Error::Url {
+        url: url.to_string(),
+        reason,
+    };
+    let mut endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| bad(e.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .initial_stream_window_size(FLIGHT_WINDOW_BYTES)
+        .initial_connection_window_size(FLIGHT_WINDOW_BYTES)
+        .http2_keep_alive_interval(Duration::from_secs(30));
+    if url.starts_with("https://") {
+        endpoint = endpoint
+            .tls_config(tls.client_config()?)
+            .map_err(|e| bad(e.to_string()))?;
+    } else if tls.enabled() {
+        tracing::warn!(url, "TLS is on for this service but this URL is plain http");
+    }
+    Ok(endpoint)
+}
 
 /// Binds a listener; port 0 picks a free port.
 pub async fn bind(addr: &str) -> Result<TcpListener> {
@@ -43,8 +100,16 @@ pub async fn serve(
     listener: TcpListener,
     routes: Routes,
     service_names: &[&str],
+    options: &ServiceOptions,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    if let Some(addr) = &options.metrics_listen {
+        let metrics = bind(addr).await?;
+        tokio::spawn(medallion_telemetry::metrics::serve(
+            metrics,
+            shutdown.clone(),
+        ));
+    }
     let (reporter, health) = tonic_health::server::health_reporter();
     for name in service_names {
         reporter
@@ -62,10 +127,21 @@ pub async fn serve(
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
-    let addr = listener.local_addr().ok();
-    tracing::info!(?addr, "serving gRPC");
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    let tls = options.tls.server_config()?;
+    tracing::info!(
+        ?addr,
+        tls = tls.is_some(),
+        mutual_tls = options.tls.tls_client_auth,
+        "serving gRPC"
+    );
     let stopping = shutdown.clone();
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server
+        .trace_fn(medallion_telemetry::server_span)
         .initial_stream_window_size(FLIGHT_WINDOW_BYTES)
         .initial_connection_window_size(FLIGHT_WINDOW_BYTES)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -83,19 +159,6 @@ pub async fn serve(
         .await?;
     tracing::info!(?addr, "stopped");
     Ok(())
-}
-
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour only on a terminal: logs redirected to files stay plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 /// A token cancelled on SIGINT or SIGTERM: the root of a service's shutdown tree.

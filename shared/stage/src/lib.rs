@@ -357,6 +357,51 @@ impl Drop for TaskGuard {
     }
 }
 
+/// Counts a finished task attempt in this process's metrics.
+fn record_metrics(
+    layer: Layer,
+    table: &TableRef,
+    took: Duration,
+    result: &Result<Manifest, TaskError>,
+) {
+    use medallion_telemetry::metrics::{self, ExpectationLabels, TaskLabels};
+    let m = metrics::metrics();
+    let outcome = match result {
+        Ok(manifest) if manifest.committed => "succeeded",
+        Ok(_) => "skipped",
+        Err(TaskError::Cancelled) => "cancelled",
+        Err(_) => "failed",
+    };
+    m.task_seconds
+        .get_or_create(&TaskLabels {
+            layer: layer.to_string(),
+            outcome: outcome.to_string(),
+        })
+        .observe(took.as_secs_f64());
+    let Ok(manifest) = result else { return };
+    if manifest.committed {
+        let labels = metrics::table(table.layer, &table.name);
+        m.rows_written
+            .get_or_create(&labels)
+            .inc_by(manifest.rows_written);
+        m.bytes_written
+            .get_or_create(&labels)
+            .inc_by(manifest.bytes_written);
+    }
+    for e in &manifest.expectations {
+        m.expectation_failed_rows
+            .get_or_create(&ExpectationLabels {
+                table: table.to_string(),
+                expectation: e.name.clone(),
+                action: format!("{:?}", e.action).to_lowercase(),
+            })
+            .inc_by(e.failed_rows);
+    }
+    let span = tracing::Span::current();
+    span.record("rows", manifest.rows_written);
+    span.record("bytes", manifest.bytes_written);
+}
+
 type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::TaskUpdate, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -396,7 +441,15 @@ impl<R: TaskRunner> pb::stage_service_server::StageService for StageServer<R> {
         };
         let runner = self.runner.clone();
         let slots = self.slots.clone();
-        let span = tracing::info_span!("task", table = %task.table, run = %task.run_id, task = %task.task_id);
+        let span = tracing::info_span!(
+            "task",
+            table = %task.table,
+            medallion.pipeline = %task.pipeline.spec.name,
+            medallion.run_id = %task.run_id,
+            task = %task.task_id,
+            rows = tracing::field::Empty,
+            bytes = tracing::field::Empty,
+        );
         tokio::spawn(async move {
             let _guard = guard;
             let started = Instant::now();
@@ -418,6 +471,7 @@ impl<R: TaskRunner> pb::stage_service_server::StageService for StageServer<R> {
                 _ = token.cancelled() => Err(TaskError::Cancelled),
                 _ = tx.closed() => Err(TaskError::Cancelled),
             };
+            record_metrics(runner.layer(), &table, started.elapsed(), &result);
             let message = match result {
                 Ok(manifest) => {
                     tracing::info!(%table, version = manifest.version, committed = manifest.committed,
@@ -618,6 +672,7 @@ pub async fn serve_layer<R: TaskRunner>(
     lake: medallion_lake::Lake,
     flight_layers: Vec<Layer>,
     listener: tokio::net::TcpListener,
+    options: &medallion_server::ServiceOptions,
     shutdown: CancellationToken,
 ) -> Result<(), medallion_server::Error> {
     let stage = StageServer::new(runner, max_tasks, shutdown.clone());
@@ -630,6 +685,7 @@ pub async fn serve_layer<R: TaskRunner>(
             "medallion.v1.StageService",
             "arrow.flight.protocol.FlightService",
         ],
+        options,
         shutdown,
     )
     .await

@@ -1,12 +1,16 @@
-"""Lints and renders the chart with Helm's own SDK (helm-python-sdk), for helm/check.sh.
+"""Helpers of helm/check.sh.
 
-usage: render.py CHART OUT_DIR RELEASE NAMESPACE KUBE_VERSION [VALUES_FILE]
-
-Writes each rendered template with content to OUT_DIR (one file per template, NOTES.txt
-included) and checks a few invariants that schemas cannot express. Exits non-zero on a lint
-warning or error, a render error or a broken invariant.
+  chart_check.py render CHART OUT_DIR RELEASE NAMESPACE KUBE_VERSION [VALUES_FILE]
+      Lints (strict) and renders the chart with Helm's own SDK (helm-python-sdk), writes each
+      rendered template with content to OUT_DIR (NOTES.txt included) and checks a few
+      invariants that schemas cannot express. Exits non-zero on a lint warning or error, a
+      render error or a broken invariant.
+  chart_check.py checkov-summary REPORT_JSON OUT_DIR
+      Splits one checkov JSON report over OUT_DIR/<case>/ into OUT_DIR/<case>.checkov: the
+      failed checks, then the counts. Exits non-zero if any check failed.
 """
 
+import json
 import os
 import sys
 
@@ -16,9 +20,9 @@ import yaml
 SEVERITY = {0: "UNKNOWN", 1: "INFO", 2: "WARNING", 3: "ERROR"}
 
 
-def main() -> int:
-    chart_dir, out_dir, release, namespace, kube_version = sys.argv[1:6]
-    values_file = sys.argv[6] if len(sys.argv) > 6 else None
+def render(args) -> int:
+    chart_dir, out_dir, release, namespace, kube_version = args[:5]
+    values_file = args[5] if len(args) > 5 else None
     values = {}
     if values_file:
         with open(values_file, encoding="utf-8") as f:
@@ -33,16 +37,23 @@ def main() -> int:
         severity = message["severity"]
         if severity == 1 and message["error"] == "icon is recommended":
             continue
-        print(f"  lint {SEVERITY.get(severity, severity)}: {message['path']}: {message['error']}")
+        print(f"  lint {SEVERITY.get(severity, severity)}: {message['path']}: {message['error'].strip()}")
         failed |= severity >= 2
-    for error in report["errors"]:
-        print(f"  lint ERROR: {error}")
+    # `errors` repeats the ERROR messages; print it only when they said nothing.
+    if not any(m["severity"] >= 3 for m in report["messages"]):
+        for error in report["errors"]:
+            print(f"  lint ERROR: {error.strip()}")
     if failed:
         return 1
 
-    with helm.Chart.load(chart_dir) as chart:
-        chart.validate_schema(values)
-        manifests = chart.render(values, name=release, namespace=namespace, is_install=True)
+    # Lint runs templates in Helm's lint mode, where `fail` only logs: rendering catches it.
+    try:
+        with helm.Chart.load(chart_dir) as chart:
+            chart.validate_schema(values)
+            manifests = chart.render(values, name=release, namespace=namespace, is_install=True)
+    except helm.HelmError as e:
+        print(f"  render ERROR: {e}")
+        return 1
 
     os.makedirs(out_dir, exist_ok=True)
     docs = []
@@ -62,7 +73,7 @@ def main() -> int:
     for doc in docs:
         kinds[doc["kind"]] = kinds.get(doc["kind"], 0) + 1
     summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
-    print(f"  lint ok; rendered {len(docs)} objects: {summary}")
+    print(f"  helm lint ok; rendered {len(docs)} objects: {summary}")
     return 1 if problems else 0
 
 
@@ -104,5 +115,39 @@ def check_invariants(docs, manifests):
     return problems
 
 
+def checkov_summary(args) -> int:
+    """Splits one checkov report over OUT_DIR/<case>/*.yaml into OUT_DIR/<case>.checkov files."""
+    report_file, out_dir = args
+    with open(report_file, encoding="utf-8") as f:
+        report = json.load(f)
+    # A list when several frameworks ran; a bare summary when nothing was scanned.
+    reports = report if isinstance(report, list) else [report]
+    counts = {}
+    failures = {}
+    for r in reports:
+        for outcome in ("passed", "failed", "skipped"):
+            for check in r.get("results", {}).get(f"{outcome}_checks", []):
+                case = check["file_path"].strip("/").split("/")[0]
+                counts.setdefault(case, {"passed": 0, "failed": 0, "skipped": 0})[outcome] += 1
+                if outcome == "failed":
+                    failures.setdefault(case, []).append(
+                        f"  checkov FAILED {check['check_id']} {check['check_name']}: "
+                        f"{check['resource']} ({check['file_path']})"
+                    )
+    failed = False
+    for case in sorted(os.listdir(out_dir)):
+        if not os.path.isdir(os.path.join(out_dir, case)):
+            continue
+        c = counts.get(case, {"passed": 0, "failed": 0, "skipped": 0})
+        # No passed check at all means checkov scanned nothing: a failure too.
+        failed |= c["failed"] > 0 or c["passed"] == 0
+        with open(os.path.join(out_dir, f"{case}.checkov"), "w", encoding="utf-8") as f:
+            for line in failures.get(case, []):
+                f.write(line + "\n")
+            f.write(f"{c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped\n")
+    return 1 if failed else 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    commands = {"render": render, "checkov-summary": checkov_summary}
+    sys.exit(commands[sys.argv[1]](sys.argv[2:]))
