@@ -1,6 +1,8 @@
 //! Test support: a Medallion cluster of the four real service binaries on loopback ports,
 //! each test with its own lake, state and ports; plus an independent TPC-H reference.
 
+pub mod certs;
+pub mod otlp;
 pub mod reference;
 
 use std::{
@@ -82,23 +84,83 @@ impl Service {
     }
 }
 
+/// Certificates for a cluster with TLS on every endpoint (PEM files).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The CA every certificate chains to.
+    pub ca: PathBuf,
+    /// The services' certificate (for 127.0.0.1 and localhost, server and client usage).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The test's own client certificate.
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    /// Mutual TLS: every service requires a client certificate.
+    pub mutual: bool,
+}
+
+/// How a test cluster is set up beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    /// PostgreSQL URL the aggregator loads gold into.
+    pub warehouse: Option<String>,
+    /// Extra environment for every service process.
+    pub env: Vec<(String, String)>,
+    /// Serve Prometheus metrics on a free port per service.
+    pub metrics: bool,
+    pub tls: Option<TlsFiles>,
+    /// Bearer token the coordinator requires (the cluster's own client sends it).
+    pub api_token: Option<String>,
+}
+
+/// Sends `authorization: Bearer <token>` when the cluster's coordinator requires a token.
+#[derive(Clone)]
+pub struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The test's client of the coordinator's pipeline API.
+pub type Client = PipelineServiceClient<tonic::codegen::InterceptedService<Channel, BearerToken>>;
+
 /// Four service processes sharing one lake in a temporary folder.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     ports: [u16; 4],
+    metrics_ports: [u16; 4],
     children: Vec<(Service, Child)>,
-    warehouse: Option<String>,
+    options: ClusterOptions,
 }
 
 impl Cluster {
     pub async fn start(warehouse: Option<String>) -> anyhow::Result<Cluster> {
+        Cluster::start_with(ClusterOptions {
+            warehouse,
+            ..ClusterOptions::default()
+        })
+        .await
+    }
+
+    pub async fn start_with(options: ClusterOptions) -> anyhow::Result<Cluster> {
         let dir = tempfile::tempdir()?;
         std::fs::create_dir_all(dir.path().join("logs"))?;
         let mut cluster = Cluster {
             dir,
             ports: [free_port(), free_port(), free_port(), free_port()],
+            metrics_ports: [free_port(), free_port(), free_port(), free_port()],
             children: Vec::new(),
-            warehouse,
+            options,
         };
         for s in [
             Service::Ingestor,
@@ -132,7 +194,35 @@ impl Cluster {
     }
 
     pub fn url(&self, s: Service) -> String {
-        format!("http://127.0.0.1:{}", self.port(s))
+        let scheme = if self.options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port(s))
+    }
+
+    /// Where a service serves `/metrics` (with [`ClusterOptions::metrics`]).
+    pub fn metrics_addr(&self, s: Service) -> String {
+        format!("127.0.0.1:{}", self.metrics_ports[s as usize])
+    }
+
+    /// A channel to a service as the test's own client: with the client certificate under TLS.
+    pub async fn channel(&self, s: Service) -> anyhow::Result<Channel> {
+        let mut endpoint = Channel::from_shared(self.url(s))?;
+        if let Some(tls) = &self.options.tls {
+            medallion_server::install_crypto_provider();
+            let config = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(
+                    &tls.ca,
+                )?))
+                .identity(tonic::transport::Identity::from_pem(
+                    std::fs::read(&tls.client_cert)?,
+                    std::fs::read(&tls.client_key)?,
+                ));
+            endpoint = endpoint.tls_config(config)?;
+        }
+        Ok(endpoint.connect().await?)
     }
 
     fn spawn(&mut self, s: Service) -> anyhow::Result<()> {
@@ -178,14 +268,35 @@ impl Cluster {
             .create(true)
             .append(true)
             .open(&log_path)?;
+        let mut args = args;
+        if self.options.metrics {
+            args.extend(["--metrics-listen".into(), self.metrics_addr(s)]);
+        }
+        if let Some(tls) = &self.options.tls {
+            args.extend([
+                "--tls-cert".into(),
+                tls.cert.display().to_string(),
+                "--tls-key".into(),
+                tls.key.display().to_string(),
+                "--tls-ca".into(),
+                tls.ca.display().to_string(),
+            ]);
+            if tls.mutual {
+                args.push("--tls-client-auth".into());
+            }
+        }
         let mut cmd = Command::new(bin_dir().join(s.binary()));
+        cmd.envs(self.options.env.iter().cloned());
+        if let (Service::Coordinator, Some(token)) = (s, &self.options.api_token) {
+            cmd.env("MEDALLION_API_TOKEN", token);
+        }
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true);
         cmd.env_remove("MEDALLION_WAREHOUSE_URL");
-        if let (Service::Aggregator, Some(w)) = (s, &self.warehouse) {
+        if let (Service::Aggregator, Some(w)) = (s, &self.options.warehouse) {
             cmd.env("MEDALLION_WAREHOUSE_URL", w);
         }
         let child = cmd
@@ -200,7 +311,7 @@ impl Cluster {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let check = async {
-                let channel = Channel::from_shared(self.url(s))?.connect().await?;
+                let channel = self.channel(s).await?;
                 let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
                 let status = health
                     .check(tonic_health::pb::HealthCheckRequest {
@@ -247,11 +358,16 @@ impl Cluster {
         self.wait_healthy(s).await
     }
 
-    pub async fn client(&self) -> anyhow::Result<PipelineServiceClient<Channel>> {
-        let channel = Channel::from_shared(self.url(Service::Coordinator))?
-            .connect()
-            .await?;
-        Ok(PipelineServiceClient::new(channel))
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        let channel = self.channel(Service::Coordinator).await?;
+        let token = match &self.options.api_token {
+            Some(t) => Some(format!("Bearer {t}").parse()?),
+            None => None,
+        };
+        Ok(PipelineServiceClient::with_interceptor(
+            channel,
+            BearerToken(token),
+        ))
     }
 
     /// Applies a spec whose relative source paths resolve against [`Cluster::data_dir`].
@@ -354,9 +470,7 @@ impl Cluster {
     /// Reads a whole table (`layer.table`) over Arrow Flight from its layer's service.
     pub async fn read(&self, table: &str) -> anyhow::Result<Vec<RecordBatch>> {
         let (layer, name) = table.split_once('.').context("layer.table")?;
-        let channel = Channel::from_shared(self.url(Self::flight_service(layer)))?
-            .connect()
-            .await?;
+        let channel = self.channel(Self::flight_service(layer)).await?;
         let mut client = FlightClient::new(channel);
         let info = client
             .get_flight_info(FlightDescriptor::new_path(vec![layer.into(), name.into()]))
@@ -516,4 +630,34 @@ pub mod values {
     pub fn rows(batches: &[RecordBatch]) -> usize {
         batches.iter().map(RecordBatch::num_rows).sum()
     }
+}
+
+/// Fetches `GET /metrics` from a service's metrics address: the Prometheus text.
+pub async fn scrape_metrics(addr: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("no HTTP header end")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("GET /metrics from {addr}: {head}");
+    }
+    Ok(body.to_string())
+}
+
+/// The value of one sample (`name{labels} value`) whose line contains every `parts`.
+pub fn metric_value(text: &str, name: &str, parts: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .find(|l| parts.iter().all(|p| l.contains(p)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }

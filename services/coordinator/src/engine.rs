@@ -326,9 +326,11 @@ impl Engine {
             .get(&run_id)
             .map(|r| r.pipeline.clone())
             .unwrap_or_default();
-        // The root of the run's trace: every task, stage call, Flight read and commit of the
-        // run, in every service, is below it.
+        // The root of the run's own trace (whether a call, the schedule or a restart started
+        // it): every task, stage call, Flight read and commit of the run, in every service, is
+        // below it.
         let span = tracing::info_span!(
+            parent: None,
             "run",
             otel.name = %format!("run {pipeline}"),
             medallion.pipeline = %pipeline,

@@ -10,7 +10,7 @@ use opentelemetry_sdk::{
     Resource,
     trace::{SdkTracerProvider, span_processor_with_async_runtime::BatchSpanProcessor},
 };
-use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
+use tracing_subscriber::{EnvFilter, Layer as _, layer::SubscriberExt, util::SubscriberInitExt};
 
 pub use propagation::{inject_context, server_span};
 
@@ -90,9 +90,15 @@ pub fn init(service: &'static str) -> Telemetry {
     } else {
         None
     };
-    let otel = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("medallion")));
+    // Only Medallion's own spans become trace spans: the libraries' internal spans (Delta log
+    // reads, object store calls) would bury the run's shape and start traces of their own.
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("medallion"))
+            .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+                meta.target().starts_with("medallion")
+            }))
+    });
     let _ = tracing_subscriber::registry()
         .with(filter)
         .with(fmt)
