@@ -111,6 +111,8 @@ pub struct ClusterOptions {
     pub tls: Option<TlsFiles>,
     /// Bearer token the coordinator requires (the cluster's own client sends it).
     pub api_token: Option<String>,
+    /// Refiner processes (at least one); the others reach them all through one URL list.
+    pub refiners: usize,
 }
 
 /// Sends `authorization: Bearer <token>` when the cluster's coordinator requires a token.
@@ -138,8 +140,10 @@ pub type Client = PipelineServiceClient<tonic::codegen::InterceptedService<Chann
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     ports: [u16; 4],
+    /// Ports of refiner replicas after the first.
+    more_refiners: Vec<u16>,
     metrics_ports: [u16; 4],
-    children: Vec<(Service, Child)>,
+    children: Vec<(Service, usize, Child)>,
     options: ClusterOptions,
 }
 
@@ -158,25 +162,16 @@ impl Cluster {
         let mut cluster = Cluster {
             dir,
             ports: [free_port(), free_port(), free_port(), free_port()],
+            more_refiners: (1..options.refiners).map(|_| free_port()).collect(),
             metrics_ports: [free_port(), free_port(), free_port(), free_port()],
             children: Vec::new(),
             options,
         };
-        for s in [
-            Service::Ingestor,
-            Service::Refiner,
-            Service::Aggregator,
-            Service::Coordinator,
-        ] {
-            cluster.spawn(s)?;
+        for (s, replica) in cluster.processes() {
+            cluster.spawn_replica(s, replica)?;
         }
-        for s in [
-            Service::Ingestor,
-            Service::Refiner,
-            Service::Aggregator,
-            Service::Coordinator,
-        ] {
-            cluster.wait_healthy(s).await?;
+        for (s, replica) in cluster.processes() {
+            cluster.wait_replica_healthy(s, replica).await?;
         }
         Ok(cluster)
     }
@@ -189,17 +184,47 @@ impl Cluster {
         self.dir.path().join("work")
     }
 
-    fn port(&self, s: Service) -> u16 {
-        self.ports[s as usize]
+    /// Every process of the cluster in start order: (service, replica).
+    fn processes(&self) -> Vec<(Service, usize)> {
+        let mut all = vec![(Service::Ingestor, 0)];
+        all.extend((0..=self.more_refiners.len()).map(|r| (Service::Refiner, r)));
+        all.extend([(Service::Aggregator, 0), (Service::Coordinator, 0)]);
+        all
     }
 
-    pub fn url(&self, s: Service) -> String {
+    fn port(&self, s: Service, replica: usize) -> u16 {
+        match (s, replica) {
+            (_, 0) => self.ports[s as usize],
+            (_, r) => self.more_refiners[r - 1],
+        }
+    }
+
+    /// The URL of one replica of a service.
+    pub fn replica_url(&self, s: Service, replica: usize) -> String {
         let scheme = if self.options.tls.is_some() {
             "https"
         } else {
             "http"
         };
-        format!("{scheme}://127.0.0.1:{}", self.port(s))
+        format!("{scheme}://127.0.0.1:{}", self.port(s, replica))
+    }
+
+    /// The URL of a service's first replica.
+    pub fn url(&self, s: Service) -> String {
+        self.replica_url(s, 0)
+    }
+
+    /// Every replica's URL, comma-separated, as the other services are configured with.
+    pub fn urls(&self, s: Service) -> String {
+        let replicas = if s == Service::Refiner {
+            self.more_refiners.len() + 1
+        } else {
+            1
+        };
+        (0..replicas)
+            .map(|r| self.replica_url(s, r))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Where a service serves `/metrics` (with [`ClusterOptions::metrics`]).
@@ -209,7 +234,11 @@ impl Cluster {
 
     /// A channel to a service as the test's own client: with the client certificate under TLS.
     pub async fn channel(&self, s: Service) -> anyhow::Result<Channel> {
-        let mut endpoint = Channel::from_shared(self.url(s))?;
+        self.replica_channel(s, 0).await
+    }
+
+    async fn replica_channel(&self, s: Service, replica: usize) -> anyhow::Result<Channel> {
+        let mut endpoint = Channel::from_shared(self.replica_url(s, replica))?;
         if let Some(tls) = &self.options.tls {
             medallion_server::install_crypto_provider();
             let config = tonic::transport::ClientTlsConfig::new()
@@ -225,8 +254,8 @@ impl Cluster {
         Ok(endpoint.connect().await?)
     }
 
-    fn spawn(&mut self, s: Service) -> anyhow::Result<()> {
-        let listen = format!("127.0.0.1:{}", self.port(s));
+    fn spawn_replica(&mut self, s: Service, replica: usize) -> anyhow::Result<()> {
+        let listen = format!("127.0.0.1:{}", self.port(s, replica));
         let lake = self.lake_dir().display().to_string();
         let args: Vec<String> = match s {
             Service::Ingestor => vec!["--listen".into(), listen, "--lake".into(), lake],
@@ -244,7 +273,7 @@ impl Cluster {
                 "--lake".into(),
                 lake,
                 "--silver-flight".into(),
-                self.url(Service::Refiner),
+                self.urls(Service::Refiner),
             ],
             Service::Coordinator => vec![
                 "--listen".into(),
@@ -254,22 +283,18 @@ impl Cluster {
                 "--ingestor".into(),
                 self.url(Service::Ingestor),
                 "--refiner".into(),
-                self.url(Service::Refiner),
+                self.urls(Service::Refiner),
                 "--aggregator".into(),
                 self.url(Service::Aggregator),
             ],
         };
-        let log_path = self
-            .dir
-            .path()
-            .join("logs")
-            .join(format!("{}.log", s.binary()));
+        let log_path = self.log_path(s, replica);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)?;
         let mut args = args;
-        if self.options.metrics {
+        if self.options.metrics && replica == 0 {
             args.extend(["--metrics-listen".into(), self.metrics_addr(s)]);
         }
         if let Some(tls) = &self.options.tls {
@@ -302,16 +327,29 @@ impl Cluster {
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {}", s.binary()))?;
-        self.children.push((s, child));
+        self.children.push((s, replica, child));
         Ok(())
+    }
+
+    fn log_path(&self, s: Service, replica: usize) -> PathBuf {
+        let name = match replica {
+            0 => format!("{}.log", s.binary()),
+            r => format!("{}-{r}.log", s.binary()),
+        };
+        self.dir.path().join("logs").join(name)
     }
 
     /// Polls gRPC health until the service reports SERVING.
     pub async fn wait_healthy(&self, s: Service) -> anyhow::Result<()> {
+        self.wait_replica_healthy(s, 0).await
+    }
+
+    /// Polls gRPC health until one replica reports SERVING.
+    pub async fn wait_replica_healthy(&self, s: Service, replica: usize) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let check = async {
-                let channel = self.channel(s).await?;
+                let channel = self.replica_channel(s, replica).await?;
                 let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
                 let status = health
                     .check(tonic_health::pb::HealthCheckRequest {
@@ -329,32 +367,47 @@ impl Cluster {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("{} not healthy; log:\n{}", s.binary(), self.log(s));
+                bail!(
+                    "{} not healthy; log:\n{}",
+                    s.binary(),
+                    self.replica_log(s, replica)
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     pub fn log(&self, s: Service) -> String {
-        std::fs::read_to_string(
-            self.dir
-                .path()
-                .join("logs")
-                .join(format!("{}.log", s.binary())),
-        )
-        .unwrap_or_default()
+        self.replica_log(s, 0)
     }
 
-    /// SIGKILL: no clean shutdown, as in a crash.
+    pub fn replica_log(&self, s: Service, replica: usize) -> String {
+        std::fs::read_to_string(self.log_path(s, replica)).unwrap_or_default()
+    }
+
+    /// SIGKILL of every replica of a service: no clean shutdown, as in a crash.
     pub async fn kill(&mut self, s: Service) {
-        for (_, child) in self.children.iter_mut().filter(|(svc, _)| *svc == s) {
+        for (_, _, child) in self.children.iter_mut().filter(|(svc, _, _)| *svc == s) {
             let _ = child.kill().await;
         }
-        self.children.retain(|(svc, _)| *svc != s);
+        self.children.retain(|(svc, _, _)| *svc != s);
+    }
+
+    /// SIGKILL of one replica.
+    pub async fn kill_replica(&mut self, s: Service, replica: usize) {
+        for (_, _, child) in self
+            .children
+            .iter_mut()
+            .filter(|(svc, r, _)| *svc == s && *r == replica)
+        {
+            let _ = child.kill().await;
+        }
+        self.children
+            .retain(|(svc, r, _)| !(*svc == s && *r == replica));
     }
 
     pub async fn restart(&mut self, s: Service) -> anyhow::Result<()> {
-        self.spawn(s)?;
+        self.spawn_replica(s, 0)?;
         self.wait_healthy(s).await
     }
 
@@ -469,8 +522,19 @@ impl Cluster {
 
     /// Reads a whole table (`layer.table`) over Arrow Flight from its layer's service.
     pub async fn read(&self, table: &str) -> anyhow::Result<Vec<RecordBatch>> {
+        let layer = table.split_once('.').context("layer.table")?.0;
+        self.read_from(Self::flight_service(layer), 0, table).await
+    }
+
+    /// Reads a whole table over Arrow Flight from one replica of a service.
+    pub async fn read_from(
+        &self,
+        s: Service,
+        replica: usize,
+        table: &str,
+    ) -> anyhow::Result<Vec<RecordBatch>> {
         let (layer, name) = table.split_once('.').context("layer.table")?;
-        let channel = self.channel(Self::flight_service(layer)).await?;
+        let channel = self.replica_channel(s, replica).await?;
         let mut client = FlightClient::new(channel);
         let info = client
             .get_flight_info(FlightDescriptor::new_path(vec![layer.into(), name.into()]))

@@ -825,8 +825,16 @@ impl Engine {
             let _entered = span.enter();
             medallion_telemetry::inject_context(request.metadata_mut());
         }
-        let mut stream = tracing::Instrument::instrument(client.run_task(request), span.clone())
-            .await?
+        let started = tracing::Instrument::instrument(client.run_task(request), span.clone());
+        let mut stream = tokio::time::timeout(medallion_server::REPLICA_WAIT, started)
+            .await
+            .map_err(|_| {
+                tonic::Status::unavailable(format!(
+                    "{name}: no healthy {} replica answered within {}s",
+                    table.layer,
+                    medallion_server::REPLICA_WAIT.as_secs()
+                ))
+            })??
             .into_inner();
         loop {
             let message = tokio::select! {

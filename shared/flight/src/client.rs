@@ -3,6 +3,7 @@
 use arrow::{datatypes::SchemaRef, record_batch::RecordBatch};
 use arrow_flight::{FlightClient, Ticket};
 use futures::{StreamExt, stream::BoxStream};
+use medallion_server::REPLICA_WAIT;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use tracing::Instrument;
@@ -60,10 +61,15 @@ impl FlightReader {
         };
         let mut client = self.client();
         medallion_telemetry::inject_context(client.metadata_mut());
-        let mut stream = client
-            .do_get(Ticket::new(ticket.encode()))
-            .await
-            .map_err(error)?;
+        // A balanced channel holds calls while no replica is healthy: bound the wait.
+        let mut stream =
+            tokio::time::timeout(REPLICA_WAIT, client.do_get(Ticket::new(ticket.encode())))
+                .await
+                .map_err(|_| Error::NoReplica {
+                    endpoint: self.endpoint.clone(),
+                    waited_secs: REPLICA_WAIT.as_secs(),
+                })?
+                .map_err(error)?;
         let received = medallion_telemetry::metrics::metrics()
             .flight_received_bytes
             .get_or_create_owned(&medallion_telemetry::metrics::table(

@@ -83,6 +83,8 @@ pub enum Error {
     },
     #[error("Flight read of {what} returned inconsistent schemas: {detail}")]
     Schema { what: String, detail: String },
+    #[error("no healthy replica of {endpoint} answered within {waited_secs}s")]
+    NoReplica { endpoint: String, waited_secs: u64 },
     #[error("a Flight partition reader stopped unexpectedly: {0}")]
     Task(String),
 }

@@ -3,6 +3,7 @@
 //! call and a Prometheus endpoint; channels to other services; and shutdown on SIGINT/SIGTERM
 //! through a cancellation token.
 
+mod discovery;
 mod tls;
 
 use std::{net::SocketAddr, time::Duration};
@@ -15,6 +16,7 @@ use tonic::{
     transport::{Channel, Endpoint},
 };
 
+pub use discovery::{PROBE_INTERVAL, REPLICA_WAIT, balanced_channel};
 pub use tls::{TlsOptions, install_crypto_provider};
 
 /// HTTP/2 stream and connection window: the lever for Flight throughput on one host (STACK.md).
@@ -56,30 +58,33 @@ pub struct ServiceOptions {
     pub tls: TlsOptions,
 }
 
-/// A lazily connecting channel to another service at `url`, with the HTTP/2 windows Flight
-/// needs and TLS for `https://` URLs.
-pub fn channel(url: &str, tls: &TlsOptions) -> Result<Channel> {
-    Ok(endpoint(url, tls)?.connect_lazy())
+/// A channel to another service: balanced over every healthy replica behind `urls` (see
+/// [`balanced_channel`]), with the HTTP/2 windows Flight needs and TLS for `https://` URLs.
+pub fn channel(urls: &str, tls: &TlsOptions) -> Result<Channel> {
+    balanced_channel(urls, tls)
 }
 
-/// The endpoint [`channel`] connects to, for callers that want to connect eagerly.
+/// The HTTP/2 settings every client endpoint gets.
+fn configure(endpoint: Endpoint) -> Endpoint {
+    endpoint
+        .connect_timeout(Duration::from_secs(5))
+        .initial_stream_window_size(FLIGHT_WINDOW_BYTES)
+        .initial_connection_window_size(FLIGHT_WINDOW_BYTES)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+}
+
+/// One endpoint at `url` (no balancing), for a client that connects once, such as the CLI.
 pub fn endpoint(url: &str, tls: &TlsOptions) -> Result<Endpoint> {
     let bad = |reason: String| Error::Url {
         url: url.to_string(),
         reason,
     };
-    let mut endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|e| bad(e.to_string()))?
-        .connect_timeout(Duration::from_secs(5))
-        .initial_stream_window_size(FLIGHT_WINDOW_BYTES)
-        .initial_connection_window_size(FLIGHT_WINDOW_BYTES)
-        .http2_keep_alive_interval(Duration::from_secs(30));
+    let mut endpoint =
+        configure(Endpoint::from_shared(url.to_string()).map_err(|e| bad(e.to_string()))?);
     if url.starts_with("https://") {
         endpoint = endpoint
             .tls_config(tls.client_config()?)
             .map_err(|e| bad(e.to_string()))?;
-    } else if tls.enabled() {
-        tracing::warn!(url, "TLS is on for this service but this URL is plain http");
     }
     Ok(endpoint)
 }

@@ -464,6 +464,7 @@ impl<R: TaskRunner> pb::stage_service_server::StageService for StageServer<R> {
                         slots.acquire_owned().await.map_err(|_| TaskError::Cancelled)?
                     }
                 };
+                tracing::info!(table = %task.table, task = %task.task_id, "task running");
                 runner.run(task, progress, token.clone()).await
             };
             let result = tokio::select! {
