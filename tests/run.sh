@@ -25,6 +25,9 @@ fi
 "$venv/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt
 export MEDALLION_TEST_PYTHON="$venv/bin/python"
 
+# The Helm chart: lint, render, schema validation and policy scan, offline.
+bash helm/check.sh
+
 # The cross-service tests spawn the service binaries, so build them first.
 cargo build --workspace --bins --locked
 log=$(mktemp)
