@@ -76,15 +76,21 @@ impl Aggregator {
                 r = reader.read_all(&tickets) => r.map_err(TaskError::internal)?,
                 _ = cancel.cancelled() => return Err(TaskError::Cancelled),
             };
-            let df = medallion_frames::frame_from_batches(&schema, &batches)
+            let mut df = medallion_frames::frame_from_batches(&schema, &batches)
                 .map_err(TaskError::internal)?;
+            drop(batches);
+            let started = std::time::Instant::now();
+            df.rechunk_mut_par();
+            tracing::info!(table = %dep, secs = started.elapsed().as_secs_f64(), "rechunked");
             inputs.insert(dep, df);
         }
         progress.report("aggregating", 0, 0, true);
         let gold_spec = spec.clone();
+        let started = std::time::Instant::now();
         let gold = tokio::task::spawn_blocking(move || compute(&gold_spec, &inputs))
             .await
             .map_err(TaskError::internal)??;
+        tracing::info!(table = %task.table, secs = started.elapsed().as_secs_f64(), "computed");
         progress.report("writing", gold.height() as u64, 0, true);
         let commit = task.commit_spec(&task.table, WriteMode::Overwrite);
         let outcome = medallion_frames::commit_frame(

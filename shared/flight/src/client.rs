@@ -1,34 +1,46 @@
 //! Reading a layer over Flight from whichever replica the endpoint reaches.
 
 use arrow::{datatypes::SchemaRef, record_batch::RecordBatch};
-use arrow_flight::{FlightClient, Ticket};
+use arrow_flight::{FlightClient, Ticket, decode::FlightRecordBatchStream};
 use futures::{StreamExt, stream::BoxStream};
 use medallion_server::REPLICA_WAIT;
-use tokio::sync::mpsc;
+use medallion_telemetry::metrics::{self, TableLabels};
 use tonic::transport::Channel;
 use tracing::Instrument;
 
+use crate::{Error, Result, TableTicket};
+
 /// Partitions of one table read at once.
 const PARALLEL_PARTITIONS: usize = 4;
-/// Batches a partition being read ahead may buffer before its stream waits.
-const BATCHES_AHEAD_PER_PARTITION: usize = 8;
-
-/// Stops a partition's fetch when the reader gives up early (error or cancellation).
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-use crate::{Error, Result, TableTicket};
 
 /// Reads tables from one layer service's Flight face.
 #[derive(Clone)]
 pub struct FlightReader {
     endpoint: String,
     channel: Channel,
+}
+
+/// What one partition's stream yields: its batches, then the schema it announced.
+enum Piece {
+    Batch(RecordBatch),
+    End(Option<SchemaRef>),
+}
+
+/// Where a partition's read is.
+enum Partition {
+    Start(FlightReader, TableTicket),
+    Reading(Box<Reading>),
+    Done,
+}
+
+struct Reading {
+    stream: FlightRecordBatchStream,
+    what: String,
+    endpoint: String,
+    received: prometheus_client::metrics::counter::Counter,
+    span: tracing::Span,
+    rows: u64,
+    bytes: u64,
 }
 
 impl FlightReader {
@@ -47,81 +59,109 @@ impl FlightReader {
         FlightClient::new_from_inner(inner)
     }
 
-    /// Streams one ticket's batches into `tx`; returns the schema the stream announced.
-    async fn send_one(
-        &self,
-        ticket: &TableTicket,
-        tx: mpsc::Sender<RecordBatch>,
-    ) -> Result<Option<SchemaRef>> {
+    /// Starts one ticket's DoGet.
+    async fn open(&self, ticket: &TableTicket, span: tracing::Span) -> Result<Reading> {
         let what = format!("{}.{}@{}", ticket.layer, ticket.table, ticket.version);
-        let error = |source| Error::Read {
-            endpoint: self.endpoint.clone(),
-            what: what.clone(),
-            source,
-        };
         let mut client = self.client();
-        medallion_telemetry::inject_context(client.metadata_mut());
-        // A balanced channel holds calls while no replica is healthy: bound the wait.
-        let mut stream =
-            tokio::time::timeout(REPLICA_WAIT, client.do_get(Ticket::new(ticket.encode())))
-                .await
-                .map_err(|_| Error::NoReplica {
-                    endpoint: self.endpoint.clone(),
-                    waited_secs: REPLICA_WAIT.as_secs(),
-                })?
-                .map_err(error)?;
-        let received = medallion_telemetry::metrics::metrics()
-            .flight_received_bytes
-            .get_or_create_owned(&medallion_telemetry::metrics::table(
-                ticket.layer,
-                &ticket.table,
-            ));
-        let (mut rows, mut bytes) = (0u64, 0u64);
-        while let Some(batch) = stream.next().await {
-            let batch = batch.map_err(error)?;
-            rows += batch.num_rows() as u64;
-            bytes += batch.get_array_memory_size() as u64;
-            received.inc_by(batch.get_array_memory_size() as u64);
-            if tx.send(batch).await.is_err() {
-                break; // the consumer has stopped
-            }
+        {
+            let _entered = span.enter();
+            medallion_telemetry::inject_context(client.metadata_mut());
         }
-        let span = tracing::Span::current();
-        span.record("rows", rows);
-        span.record("bytes", bytes);
-        Ok(stream.schema().cloned())
+        // A balanced channel holds calls while no replica is healthy: bound the wait.
+        let stream = tokio::time::timeout(REPLICA_WAIT, client.do_get(Ticket::new(ticket.encode())))
+            .instrument(span.clone())
+            .await
+            .map_err(|_| Error::NoReplica {
+                endpoint: self.endpoint.clone(),
+                waited_secs: REPLICA_WAIT.as_secs(),
+            })?
+            .map_err(|source| Error::Read {
+                endpoint: self.endpoint.clone(),
+                what: what.clone(),
+                source,
+            })?;
+        let received = metrics::metrics()
+            .flight_received_bytes
+            .get_or_create_owned(&TableLabels {
+                layer: ticket.layer.to_string(),
+                table: ticket.table.clone(),
+            });
+        Ok(Reading {
+            stream,
+            what,
+            endpoint: self.endpoint.clone(),
+            received,
+            span,
+            rows: 0,
+            bytes: 0,
+        })
     }
 
-    /// Streams every batch of `tickets` in ticket order while a few partitions ahead are
-    /// already being fetched (so decoding on the serving side runs in parallel). Memory stays
-    /// bounded: each partition ahead buffers at most a few batches.
+    /// One partition as a stream of pieces, in its own order.
+    fn partition(&self, ticket: TableTicket) -> BoxStream<'static, Result<Piece>> {
+        futures::stream::unfold(
+            Partition::Start(self.clone(), ticket),
+            |state| async move {
+                let mut reading = match state {
+                    Partition::Done => return None,
+                    Partition::Start(reader, ticket) => {
+                        let span = tracing::info_span!(
+                            "flight.do_get",
+                            otel.kind = "client",
+                            table = %format!("{}.{}", ticket.layer, ticket.table),
+                            version = ticket.version,
+                            partition = ticket.partition,
+                            rows = tracing::field::Empty,
+                            bytes = tracing::field::Empty,
+                        );
+                        match reader.open(&ticket, span).await {
+                            Ok(reading) => Box::new(reading),
+                            Err(e) => return Some((Err(e), Partition::Done)),
+                        }
+                    }
+                    Partition::Reading(reading) => reading,
+                };
+                match reading.stream.next().await {
+                    Some(Ok(batch)) => {
+                        let size = batch.get_array_memory_size() as u64;
+                        reading.rows += batch.num_rows() as u64;
+                        reading.bytes += size;
+                        reading.received.inc_by(size);
+                        Some((Ok(Piece::Batch(batch)), Partition::Reading(reading)))
+                    }
+                    Some(Err(source)) => Some((
+                        Err(Error::Read {
+                            endpoint: reading.endpoint.clone(),
+                            what: reading.what.clone(),
+                            source,
+                        }),
+                        Partition::Done,
+                    )),
+                    None => {
+                        reading.span.record("rows", reading.rows);
+                        reading.span.record("bytes", reading.bytes);
+                        let schema = reading.stream.schema().cloned();
+                        Some((Ok(Piece::End(schema)), Partition::Done))
+                    }
+                }
+            },
+        )
+        .boxed()
+    }
+
+    /// Streams every batch of `tickets`, reading a few partitions at once and taking batches
+    /// from whichever has one: each partition's batches stay in order, partitions interleave.
+    /// Every open stream is drained as fast as the consumer goes, so the HTTP/2 windows bound
+    /// what is buffered (a stream left unread would hold the connection's window and stall
+    /// the others).
     pub fn stream(&self, tickets: &[TableTicket]) -> BatchStream {
         let reader = self.clone();
-        // Each partition is fetched by its own task into a small channel; `buffered` starts
-        // the next ones as soon as the consumer moves past the first.
-        let partitions = futures::stream::iter(tickets.to_vec())
-            .map(move |ticket| {
-                let reader = reader.clone();
-                let (tx, rx) = mpsc::channel(BATCHES_AHEAD_PER_PARTITION);
-                let span = tracing::info_span!(
-                    "flight.do_get",
-                    otel.kind = "client",
-                    table = %format!("{}.{}", ticket.layer, ticket.table),
-                    version = ticket.version,
-                    partition = ticket.partition,
-                    rows = tracing::field::Empty,
-                    bytes = tracing::field::Empty,
-                );
-                let task = tokio::spawn(
-                    async move { reader.send_one(&ticket, tx).await }.instrument(span),
-                );
-                futures::future::ready((rx, AbortOnDrop(task)))
-            })
-            .buffered(PARALLEL_PARTITIONS)
+        let pieces = futures::stream::iter(tickets.to_vec())
+            .map(move |ticket| reader.partition(ticket))
+            .flatten_unordered(PARALLEL_PARTITIONS)
             .boxed();
         BatchStream {
-            partitions,
-            current: None,
+            pieces,
             schema: None,
             what: tickets
                 .first()
@@ -130,8 +170,7 @@ impl FlightReader {
         }
     }
 
-    /// Reads every ticket into memory (batches in ticket order); the schema comes even
-    /// without rows.
+    /// Reads every ticket into memory; the schema comes even without rows.
     pub async fn read_all(&self, tickets: &[TableTicket]) -> Result<(SchemaRef, Vec<RecordBatch>)> {
         let mut stream = self.stream(tickets);
         let mut batches = Vec::new();
@@ -142,32 +181,21 @@ impl FlightReader {
     }
 }
 
-type Partition = (
-    mpsc::Receiver<RecordBatch>,
-    AbortOnDrop<Result<Option<SchemaRef>>>,
-);
-
-/// The batches of several tickets in ticket order; see [`FlightReader::stream`].
+/// The batches of several tickets; see [`FlightReader::stream`].
 pub struct BatchStream {
-    partitions: BoxStream<'static, Partition>,
-    current: Option<Partition>,
+    pieces: BoxStream<'static, Result<Piece>>,
     schema: Option<SchemaRef>,
     what: String,
 }
 
 impl BatchStream {
-    /// The next batch, or `None` after the last ticket's last batch.
+    /// The next batch, or `None` after the last partition's last batch.
     pub async fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
         loop {
-            if let Some((rx, task)) = &mut self.current {
-                if let Some(batch) = rx.recv().await {
-                    return Ok(Some(batch));
-                }
-                let got = (&mut task.0)
-                    .await
-                    .map_err(|e| Error::Task(e.to_string()))??;
-                self.current = None;
-                match (&self.schema, got) {
+            match self.pieces.next().await.transpose()? {
+                None => return Ok(None),
+                Some(Piece::Batch(batch)) => return Ok(Some(batch)),
+                Some(Piece::End(got)) => match (&self.schema, got) {
                     (None, Some(s)) => self.schema = Some(s),
                     (Some(a), Some(b)) if a.fields() != b.fields() => {
                         return Err(Error::Schema {
@@ -176,11 +204,7 @@ impl BatchStream {
                         });
                     }
                     _ => {}
-                }
-            }
-            match self.partitions.next().await {
-                Some(partition) => self.current = Some(partition),
-                None => return Ok(None),
+                },
             }
         }
     }

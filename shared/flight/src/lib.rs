@@ -85,8 +85,6 @@ pub enum Error {
     Schema { what: String, detail: String },
     #[error("no healthy replica of {endpoint} answered within {waited_secs}s")]
     NoReplica { endpoint: String, waited_secs: u64 },
-    #[error("a Flight partition reader stopped unexpectedly: {0}")]
-    Task(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -43,7 +43,7 @@ fn otlp_requested() -> bool {
     !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 }
 
-/// Sets up logging to stderr (filtered by `RUST_LOG`, default `info`) and, when an OTLP
+/// Sets up logging to stderr (filtered by `RUST_LOG`, default `warn,medallion=info`) and, when an OTLP
 /// endpoint is configured through the standard `OTEL_*` variables, span export over OTLP/gRPC
 /// with `service` as the service name unless `OTEL_SERVICE_NAME` says otherwise. Sampling
 /// follows `OTEL_TRACES_SAMPLER`/`OTEL_TRACES_SAMPLER_ARG`, batching `OTEL_BSP_*`.
@@ -53,7 +53,10 @@ pub fn init(service: &'static str) -> Telemetry {
     opentelemetry::global::set_text_map_propagator(
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // By default Medallion's own logs at info, the libraries' (Delta log reads, HTTP/2) only
+    // when they warn.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,medallion=info"));
     // Colour only on a terminal: logs redirected to files stay plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt::layer()
