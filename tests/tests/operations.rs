@@ -223,98 +223,77 @@ async fn every_service_serves_prometheus_metrics() {
     let run = run_sales(&cluster).await;
     let pipeline = run.pipeline.clone();
 
-    let ingestor = scrape_metrics(&cluster.metrics_addr(Service::Ingestor))
-        .await
-        .expect("ingestor metrics");
-    assert_eq!(
-        metric_value(
-            &ingestor,
+    let runs_label = format!("pipeline=\"{pipeline}\"");
+    // (service, metric, label parts, expected value; None: any value above zero)
+    let expected: Vec<(Service, &str, Vec<&str>, Option<f64>)> = vec![
+        (
+            Service::Ingestor,
             "medallion_rows_written_total",
-            &["layer=\"bronze\"", "table=\"sales\""]
+            vec!["layer=\"bronze\"", "table=\"sales\""],
+            Some(4.0),
         ),
-        Some(4.0),
-        "{ingestor}"
-    );
-    assert!(
-        metric_value(
-            &ingestor,
+        (
+            Service::Ingestor,
             "medallion_flight_sent_bytes_total",
-            &["table=\"sales\""]
-        )
-        .is_some_and(|b| b > 0.0),
-        "{ingestor}"
-    );
-
-    let refiner = scrape_metrics(&cluster.metrics_addr(Service::Refiner))
-        .await
-        .expect("refiner metrics");
-    assert_eq!(
-        metric_value(
-            &refiner,
+            vec!["table=\"sales\""],
+            None,
+        ),
+        (
+            Service::Refiner,
             "medallion_rows_written_total",
-            &["layer=\"silver\""]
+            vec!["layer=\"silver\""],
+            Some(3.0),
         ),
-        Some(3.0),
-        "{refiner}"
-    );
-    assert_eq!(
-        metric_value(
-            &refiner,
+        (
+            Service::Refiner,
             "medallion_expectation_failed_rows_total",
-            &["expectation=\"positive_amount\"", "action=\"drop\""]
+            vec!["expectation=\"positive_amount\"", "action=\"drop\""],
+            Some(1.0),
         ),
-        Some(1.0),
-        "{refiner}"
-    );
-    assert_eq!(
-        metric_value(
-            &refiner,
+        (
+            Service::Refiner,
             "medallion_task_duration_seconds_count",
-            &["layer=\"silver\"", "outcome=\"succeeded\""]
+            vec!["layer=\"silver\"", "outcome=\"succeeded\""],
+            Some(1.0),
         ),
-        Some(1.0),
-        "{refiner}"
-    );
-    assert!(
-        metric_value(
-            &refiner,
+        (
+            Service::Refiner,
             "medallion_flight_received_bytes_total",
-            &["layer=\"bronze\""]
-        )
-        .is_some_and(|b| b > 0.0),
-        "{refiner}"
-    );
-
-    let aggregator = scrape_metrics(&cluster.metrics_addr(Service::Aggregator))
-        .await
-        .expect("aggregator metrics");
-    assert_eq!(
-        metric_value(
-            &aggregator,
+            vec!["layer=\"bronze\""],
+            None,
+        ),
+        (
+            Service::Aggregator,
             "medallion_warehouse_rows_total",
-            &["table=\"gold.revenue\""]
+            vec!["table=\"gold.revenue\""],
+            Some(3.0),
         ),
-        Some(3.0),
-        "{aggregator}"
-    );
-    assert_eq!(
-        metric_value(&aggregator, "medallion_warehouse_load_seconds_count", &[]),
-        Some(1.0),
-        "{aggregator}"
-    );
-
-    let coordinator = scrape_metrics(&cluster.metrics_addr(Service::Coordinator))
-        .await
-        .expect("coordinator metrics");
-    assert_eq!(
-        metric_value(
-            &coordinator,
+        (
+            Service::Aggregator,
+            "medallion_warehouse_load_seconds_count",
+            vec![],
+            Some(1.0),
+        ),
+        (
+            Service::Coordinator,
             "medallion_runs_total",
-            &[&format!("pipeline=\"{pipeline}\""), "outcome=\"succeeded\""]
+            vec![runs_label.as_str(), "outcome=\"succeeded\""],
+            Some(1.0),
         ),
-        Some(1.0),
-        "{coordinator}"
-    );
+    ];
+    for (service, metric, labels, want) in expected {
+        let text = scrape_metrics(&cluster.metrics_addr(service))
+            .await
+            .unwrap_or_else(|e| panic!("{service:?} metrics: {e}"));
+        let got = metric_value(&text, metric, &labels);
+        match want {
+            Some(v) => assert_eq!(got, Some(v), "{service:?} {metric} {labels:?}:\n{text}"),
+            None => assert!(
+                got.is_some_and(|b| b > 0.0),
+                "{service:?} {metric} {labels:?}:\n{text}"
+            ),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -94,7 +94,7 @@ impl Refiner {
         let mut input = self.open_input(task, from).await?;
         while let Some(batch) = input.next_batch().await? {
             rows_read += batch.num_rows() as u64;
-            bytes_read += batch.get_array_memory_size() as u64;
+            bytes_read += medallion_flight::batch_bytes(&batch);
             pending_rows += batch.num_rows();
             pending.push(batch);
             if pending_rows >= CHUNK_ROWS {

@@ -364,23 +364,27 @@ pub fn finish(
     others: &BTreeMap<TableRef, DataFrame>,
 ) -> Result<Refined, TaskError> {
     let t = spec.name.as_str();
-    let (df, quarantine, expectations) = rows.finish(spec)?;
+    let (mut df, quarantine, expectations) = rows.finish(spec)?;
+    if let Some(dedupe) = &spec.dedupe
+        && let Some(order) = &dedupe.order_by
+    {
+        df = keep_by_order(df, &dedupe.keys, order, dedupe.keep)
+            .map_err(|e| invalid(t, "dedupe", e))?;
+    }
     let mut lf = df.lazy();
-    if let Some(dedupe) = &spec.dedupe {
-        if let Some(order) = &dedupe.order_by {
-            lf = lf.sort(
-                [order.as_str()],
-                SortMultipleOptions::default().with_maintain_order(true),
-            );
-        }
-        let keep = match dedupe.keep {
-            Keep::First => UniqueKeepStrategy::First,
-            Keep::Last => UniqueKeepStrategy::Last,
-        };
+    if let Some(dedupe) = &spec.dedupe
+        && dedupe.order_by.is_none()
+    {
+        // Without `order_by`, first/last follow the input order; the output order itself does
+        // not matter for a table, so polars need not maintain it (much faster).
         let keys: Vec<Expr> = dedupe.keys.iter().map(|k| col(k.as_str())).collect();
-        // `first`/`last` follow the (sorted) row order; the output order itself does not
-        // matter for a table, so polars need not maintain it (much faster).
-        lf = lf.unique_generic(Some(keys), keep);
+        lf = lf.unique_generic(
+            Some(keys),
+            match dedupe.keep {
+                Keep::First => UniqueKeepStrategy::First,
+                Keep::Last => UniqueKeepStrategy::Last,
+            },
+        );
     }
     if let Some(join) = &spec.join {
         let other = others.get(&join.with).ok_or_else(|| {
@@ -433,6 +437,42 @@ pub fn finish(
         quarantine,
         expectations,
     })
+}
+
+/// Keeps, per key, the row that sorts first (`first`) or last (`last`) by `order`, ties in
+/// input order. The sort runs on a narrow frame (keys, order, row number) to find the winning
+/// rows, which are then gathered once: the table's other columns are never sorted or copied
+/// twice.
+fn keep_by_order(
+    df: DataFrame,
+    keys: &[String],
+    order: &str,
+    keep: Keep,
+) -> PolarsResult<DataFrame> {
+    const ROW: &str = "__medallion_row";
+    let mut narrow: Vec<Expr> = keys.iter().map(|k| col(k.as_str())).collect();
+    narrow.push(col(order));
+    let winners = df
+        .clone()
+        .lazy()
+        .select(narrow)
+        .with_row_index(ROW, None)
+        .sort(
+            [order],
+            SortMultipleOptions::default().with_maintain_order(true),
+        )
+        .unique_generic(
+            Some(keys.iter().map(|k| col(k.as_str())).collect()),
+            match keep {
+                Keep::First => UniqueKeepStrategy::First,
+                Keep::Last => UniqueKeepStrategy::Last,
+            },
+        )
+        .select([col(ROW)])
+        .collect()?;
+    // Gathering in row order keeps the table's order and reads memory in sequence.
+    let rows = winners.column(ROW)?.idx()?.sort(false);
+    df.take(&rows)
 }
 
 /// The data columns of a frame that also carries expectation flags.

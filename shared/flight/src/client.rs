@@ -68,18 +68,19 @@ impl FlightReader {
             medallion_telemetry::inject_context(client.metadata_mut());
         }
         // A balanced channel holds calls while no replica is healthy: bound the wait.
-        let stream = tokio::time::timeout(REPLICA_WAIT, client.do_get(Ticket::new(ticket.encode())))
-            .instrument(span.clone())
-            .await
-            .map_err(|_| Error::NoReplica {
-                endpoint: self.endpoint.clone(),
-                waited_secs: REPLICA_WAIT.as_secs(),
-            })?
-            .map_err(|source| Error::Read {
-                endpoint: self.endpoint.clone(),
-                what: what.clone(),
-                source,
-            })?;
+        let stream =
+            tokio::time::timeout(REPLICA_WAIT, client.do_get(Ticket::new(ticket.encode())))
+                .instrument(span.clone())
+                .await
+                .map_err(|_| Error::NoReplica {
+                    endpoint: self.endpoint.clone(),
+                    waited_secs: REPLICA_WAIT.as_secs(),
+                })?
+                .map_err(|source| Error::Read {
+                    endpoint: self.endpoint.clone(),
+                    what: what.clone(),
+                    source,
+                })?;
         let received = metrics::metrics()
             .flight_received_bytes
             .get_or_create_owned(&TableLabels {
@@ -99,53 +100,50 @@ impl FlightReader {
 
     /// One partition as a stream of pieces, in its own order.
     fn partition(&self, ticket: TableTicket) -> BoxStream<'static, Result<Piece>> {
-        futures::stream::unfold(
-            Partition::Start(self.clone(), ticket),
-            |state| async move {
-                let mut reading = match state {
-                    Partition::Done => return None,
-                    Partition::Start(reader, ticket) => {
-                        let span = tracing::info_span!(
-                            "flight.do_get",
-                            otel.kind = "client",
-                            table = %format!("{}.{}", ticket.layer, ticket.table),
-                            version = ticket.version,
-                            partition = ticket.partition,
-                            rows = tracing::field::Empty,
-                            bytes = tracing::field::Empty,
-                        );
-                        match reader.open(&ticket, span).await {
-                            Ok(reading) => Box::new(reading),
-                            Err(e) => return Some((Err(e), Partition::Done)),
-                        }
-                    }
-                    Partition::Reading(reading) => reading,
-                };
-                match reading.stream.next().await {
-                    Some(Ok(batch)) => {
-                        let size = batch.get_array_memory_size() as u64;
-                        reading.rows += batch.num_rows() as u64;
-                        reading.bytes += size;
-                        reading.received.inc_by(size);
-                        Some((Ok(Piece::Batch(batch)), Partition::Reading(reading)))
-                    }
-                    Some(Err(source)) => Some((
-                        Err(Error::Read {
-                            endpoint: reading.endpoint.clone(),
-                            what: reading.what.clone(),
-                            source,
-                        }),
-                        Partition::Done,
-                    )),
-                    None => {
-                        reading.span.record("rows", reading.rows);
-                        reading.span.record("bytes", reading.bytes);
-                        let schema = reading.stream.schema().cloned();
-                        Some((Ok(Piece::End(schema)), Partition::Done))
+        futures::stream::unfold(Partition::Start(self.clone(), ticket), |state| async move {
+            let mut reading = match state {
+                Partition::Done => return None,
+                Partition::Start(reader, ticket) => {
+                    let span = tracing::info_span!(
+                        "flight.do_get",
+                        otel.kind = "client",
+                        table = %format!("{}.{}", ticket.layer, ticket.table),
+                        version = ticket.version,
+                        partition = ticket.partition,
+                        rows = tracing::field::Empty,
+                        bytes = tracing::field::Empty,
+                    );
+                    match reader.open(&ticket, span).await {
+                        Ok(reading) => Box::new(reading),
+                        Err(e) => return Some((Err(e), Partition::Done)),
                     }
                 }
-            },
-        )
+                Partition::Reading(reading) => reading,
+            };
+            match reading.stream.next().await {
+                Some(Ok(batch)) => {
+                    let size = crate::batch_bytes(&batch);
+                    reading.rows += batch.num_rows() as u64;
+                    reading.bytes += size;
+                    reading.received.inc_by(size);
+                    Some((Ok(Piece::Batch(batch)), Partition::Reading(reading)))
+                }
+                Some(Err(source)) => Some((
+                    Err(Error::Read {
+                        endpoint: reading.endpoint.clone(),
+                        what: reading.what.clone(),
+                        source,
+                    }),
+                    Partition::Done,
+                )),
+                None => {
+                    reading.span.record("rows", reading.rows);
+                    reading.span.record("bytes", reading.bytes);
+                    let schema = reading.stream.schema().cloned();
+                    Some((Ok(Piece::End(schema)), Partition::Done))
+                }
+            }
+        })
         .boxed()
     }
 

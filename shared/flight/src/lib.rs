@@ -71,6 +71,17 @@ impl TableTicket {
     }
 }
 
+/// The bytes of Arrow data a batch covers. Unlike `get_array_memory_size`, buffers that
+/// several batches share (as batches decoded from one Flight message do) count only for the
+/// slice each batch holds, so sums over a stream stay true.
+pub fn batch_bytes(batch: &arrow::record_batch::RecordBatch) -> u64 {
+    batch
+        .columns()
+        .iter()
+        .map(|c| c.to_data().get_slice_memory_size().unwrap_or(0) as u64)
+        .sum()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("invalid Flight ticket: {0}")]
