@@ -415,3 +415,63 @@ async fn mutual_tls_between_every_service() {
     .await;
     assert!(refused.is_err(), "a plaintext client got through");
 }
+
+async fn revision(cluster: &Cluster, name: &str) -> u64 {
+    let mut client = cluster.client().await.expect("client");
+    client
+        .get_pipeline(pb::GetPipelineRequest { name: name.into() })
+        .await
+        .expect("the folder's pipeline is applied")
+        .into_inner()
+        .revision
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_coordinator_applies_its_pipelines_folder_at_start() {
+    // Specs as a mounted ConfigMap gives them: one folder, sources relative to it.
+    let specs = tempfile::tempdir().expect("tmp");
+    let name = unique_name("folder");
+    std::fs::write(
+        specs.path().join(format!("{name}.yaml")),
+        spec(&name, &name),
+    )
+    .expect("spec");
+    std::fs::create_dir_all(specs.path().join("sales")).expect("mkdir");
+    std::fs::write(specs.path().join("sales").join("sales.csv"), SALES).expect("fixture");
+    let mut cluster = Cluster::start_with(ClusterOptions {
+        env: vec![(
+            "MEDALLION_PIPELINES_DIR".into(),
+            specs.path().display().to_string(),
+        )],
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("cluster");
+    assert_eq!(revision(&cluster, &name).await, 1);
+    let (run, _) = cluster.run(&name, false).await.expect("run");
+    assert!(succeeded(&run), "{run:?}");
+
+    // A restart with the same folder keeps the revision.
+    cluster.kill(Service::Coordinator).await;
+    cluster
+        .restart(Service::Coordinator)
+        .await
+        .expect("restart");
+    assert_eq!(revision(&cluster, &name).await, 1);
+
+    // A bad spec in the folder stops the start, naming the file.
+    let bad = tempfile::tempdir().expect("tmp");
+    std::fs::write(bad.path().join("broken.yaml"), "name: broken\nsilver: 3\n").expect("spec");
+    let output =
+        tokio::process::Command::new(medallion_tests::bin_dir().join("medallion-coordinator"))
+            .args(["--listen", "127.0.0.1:0", "--pipelines-dir"])
+            .arg(bad.path())
+            .arg("--state-dir")
+            .arg(bad.path().join("state"))
+            .output()
+            .await
+            .expect("coordinator");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("broken.yaml"), "{stderr}");
+}

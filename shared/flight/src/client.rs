@@ -4,7 +4,7 @@ use arrow::{datatypes::SchemaRef, record_batch::RecordBatch};
 use arrow_flight::{FlightClient, Ticket, decode::FlightRecordBatchStream};
 use futures::{StreamExt, stream::BoxStream};
 use medallion_server::REPLICA_WAIT;
-use medallion_telemetry::metrics::{self, TableLabels};
+use medallion_telemetry::metrics;
 use tonic::transport::Channel;
 use tracing::Instrument;
 
@@ -83,10 +83,7 @@ impl FlightReader {
                 })?;
         let received = metrics::metrics()
             .flight_received_bytes
-            .get_or_create_owned(&TableLabels {
-                layer: ticket.layer.to_string(),
-                table: ticket.table.clone(),
-            });
+            .get_or_create_owned(&metrics::table(ticket.layer, &ticket.table));
         Ok(Reading {
             stream,
             what,

@@ -1,7 +1,7 @@
 //! Every replica of a service behind one channel. A service URL may list several endpoints
 //! (`http://a:1,http://b:2`) and each host may resolve to several addresses (a Kubernetes
 //! headless Service resolves to every ready pod). Each address is probed with gRPC health
-//! every [`PROBE_INTERVAL`]; the healthy ones are balanced by tonic's power-of-two-choices
+//! every second; the healthy ones are balanced by tonic's power-of-two-choices
 //! balancer (tower), so tasks and Flight partitions spread over the replicas, and a replica
 //! that stops answering leaves the set until it answers again.
 
@@ -17,7 +17,7 @@ use tonic::transport::{Channel, Endpoint, Uri, channel::Change};
 use crate::{Error, Result, TlsOptions};
 
 /// How often each replica's health is probed (and names are resolved again).
-pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a call may wait for a healthy replica before failing as unavailable (a balanced
 /// channel with no healthy replica holds calls rather than failing them).
@@ -90,9 +90,10 @@ fn address_endpoint(target: &Target, addr: SocketAddr, tls: &TlsOptions) -> Resu
         })
 }
 
-/// A channel over every healthy replica behind `urls` (comma-separated). Must be called
-/// inside the Tokio runtime: discovery runs as a task for as long as the channel lives.
-pub fn balanced_channel(urls: &str, tls: &TlsOptions) -> Result<Channel> {
+/// A channel to another service, balanced over every healthy replica behind `urls`
+/// (comma-separated), with the HTTP/2 windows Flight needs and TLS for `https://` URLs. Must be
+/// called inside the Tokio runtime: discovery runs as a task for as long as the channel lives.
+pub fn channel(urls: &str, tls: &TlsOptions) -> Result<Channel> {
     let targets = parse_targets(urls)?;
     if tls.enabled() && targets.iter().any(|t| !t.https) {
         tracing::warn!(urls, "TLS is on for this service but a URL is plain http");

@@ -11,12 +11,9 @@ use std::{net::SocketAddr, time::Duration};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 pub use tokio_util::sync::CancellationToken;
-use tonic::{
-    service::Routes,
-    transport::{Channel, Endpoint},
-};
+use tonic::{service::Routes, transport::Endpoint};
 
-pub use discovery::{PROBE_INTERVAL, REPLICA_WAIT, balanced_channel};
+pub use discovery::REPLICA_WAIT;
 pub use tls::{TlsOptions, install_crypto_provider};
 
 /// HTTP/2 stream and connection window: the lever for Flight throughput on one host (STACK.md).
@@ -58,11 +55,7 @@ pub struct ServiceOptions {
     pub tls: TlsOptions,
 }
 
-/// A channel to another service: balanced over every healthy replica behind `urls` (see
-/// [`balanced_channel`]), with the HTTP/2 windows Flight needs and TLS for `https://` URLs.
-pub fn channel(urls: &str, tls: &TlsOptions) -> Result<Channel> {
-    balanced_channel(urls, tls)
-}
+pub use discovery::channel;
 
 /// The HTTP/2 settings every client endpoint gets.
 fn configure(endpoint: Endpoint) -> Endpoint {
