@@ -20,11 +20,6 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Whether spans are exported (an OTLP endpoint is configured).
-    pub fn exporting(&self) -> bool {
-        self.provider.is_some()
-    }
-
     /// Flushes and stops the exporter. Call it after the service stopped serving.
     pub async fn shutdown(self) {
         if let Some(provider) = self.provider {
