@@ -1,9 +1,12 @@
 //! Test support: a Medallion cluster of the four real service binaries on loopback ports,
 //! each test with its own lake, state and ports; plus an independent TPC-H reference.
 
+pub mod api;
 pub mod certs;
 pub mod otlp;
+pub mod redshift_data;
 pub mod reference;
+pub mod s3;
 
 use std::{
     net::TcpListener,
@@ -58,7 +61,7 @@ pub fn postgres_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -113,6 +116,8 @@ pub struct ClusterOptions {
     pub api_token: Option<String>,
     /// Refiner processes (at least one); the others reach them all through one URL list.
     pub refiners: usize,
+    /// Lake root for every service (an `s3://` URL, say); default: a folder of the cluster's.
+    pub lake: Option<String>,
 }
 
 /// Sends `authorization: Bearer <token>` when the cluster's coordinator requires a token.
@@ -256,7 +261,11 @@ impl Cluster {
 
     fn spawn_replica(&mut self, s: Service, replica: usize) -> anyhow::Result<()> {
         let listen = format!("127.0.0.1:{}", self.port(s, replica));
-        let lake = self.lake_dir().display().to_string();
+        let lake = self
+            .options
+            .lake
+            .clone()
+            .unwrap_or_else(|| self.lake_dir().display().to_string());
         let args: Vec<String> = match s {
             Service::Ingestor => vec!["--listen".into(), listen, "--lake".into(), lake],
             Service::Refiner => vec![

@@ -109,6 +109,18 @@ grpc:
   value: {{ $root.Values.lake.uri | quote }}
 - name: MEDALLION_{{ upper $c }}_MAX_TASKS
   value: {{ $v.maxTasks | quote }}
+{{- with $root.Values.s3.region }}
+- name: MEDALLION_S3_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- with $root.Values.s3.endpoint }}
+- name: MEDALLION_S3_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+{{- if $root.Values.s3.pathStyle }}
+- name: MEDALLION_S3_PATH_STYLE
+  value: "true"
+{{- end }}
 {{- end }}
 {{- if eq $c "refiner" }}
 - name: MEDALLION_BRONZE_FLIGHT

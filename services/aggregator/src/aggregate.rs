@@ -10,13 +10,21 @@ use medallion_lake::{Lake, Layer, WriteMode};
 use medallion_server::CancellationToken;
 use medallion_spec::{GoldSpec, LoadMode, Pipeline, TableRef};
 use medallion_stage::{Manifest, Progress, TaskError, TaskRequest, TaskRunner};
-use medallion_warehouse::{PostgresSink, QualifiedName};
+use medallion_objects::{ObjectStore, S3Options, S3Url};
+use medallion_warehouse::{PostgresSink, QualifiedName, RedshiftSink, RedshiftTarget};
 use polars::prelude::*;
 use tracing::Instrument as _;
 
 pub struct Aggregator {
     pub lake: Lake,
     pub silver_flight: FlightReader,
+    pub s3: S3Options,
+    /// Built on the first Redshift load, so a PostgreSQL-only aggregator never loads AWS settings.
+    pub objects: tokio::sync::OnceCell<ObjectStore>,
+    /// Overrides the Redshift Data API endpoint (a local development endpoint, say).
+    pub redshift_data_endpoint: Option<String>,
+    /// Where staged Parquet files are written before upload.
+    pub spool_dir: std::path::PathBuf,
 }
 
 /// Runs a gold table's query over its input frames, registered under their silver names.
@@ -41,24 +49,29 @@ pub fn compute(
         .map_err(invalid)
 }
 
-/// The warehouse URL of a pipeline, `None` when loading is optional and not configured here.
-fn warehouse_url(pipeline: &Pipeline) -> Result<Option<String>, TaskError> {
-    let Some(pg) = pipeline
-        .spec
-        .warehouse
-        .as_ref()
-        .and_then(|w| w.postgres.as_ref())
-    else {
+/// Where a pipeline's gold tables are loaded.
+enum Warehouse {
+    Postgres(String),
+    Redshift(medallion_spec::RedshiftSpec),
+}
+
+/// The warehouse of a pipeline, `None` when loading is optional and not configured here.
+fn warehouse(pipeline: &Pipeline) -> Result<Option<Warehouse>, TaskError> {
+    let spec = pipeline.spec.warehouse.as_ref();
+    if let Some(redshift) = spec.and_then(|w| w.redshift.as_ref()) {
+        return Ok(Some(Warehouse::Redshift(redshift.clone())));
+    }
+    let Some(pg) = spec.and_then(|w| w.postgres.as_ref()) else {
         return Err(TaskError::Invalid(
-            "the spec has no warehouse.postgres section".into(),
+            "the spec has no warehouse section".into(),
         ));
     };
     if let Some(url) = &pg.url {
-        return Ok(Some(url.clone()));
+        return Ok(Some(Warehouse::Postgres(url.clone())));
     }
     let var = pg.url_env.as_deref().unwrap_or_default();
     match std::env::var(var) {
-        Ok(url) if !url.is_empty() => Ok(Some(url)),
+        Ok(url) if !url.is_empty() => Ok(Some(Warehouse::Postgres(url))),
         _ if pg.optional => Ok(None),
         _ => Err(TaskError::Invalid(format!(
             "warehouse.postgres.url_env: ${var} is not set on the aggregator"
@@ -118,7 +131,7 @@ impl Aggregator {
         let Some(target) = &spec.warehouse else {
             return Ok(());
         };
-        let Some(url) = warehouse_url(&task.pipeline)? else {
+        let Some(warehouse) = warehouse(&task.pipeline)? else {
             tracing::info!(table = %task.table, "warehouse loading skipped: optional and not configured");
             return Ok(());
         };
@@ -153,15 +166,48 @@ impl Aggregator {
             rows = tracing::field::Empty,
         );
         let started = std::time::Instant::now();
+        let failed = |e: medallion_warehouse::Error| {
+            TaskError::internal(format!("loading gold.{} into {name}: {e}", spec.name))
+        };
         let report = async {
-            let mut sink = PostgresSink::connect(&url)
-                .await
-                .map_err(TaskError::internal)?;
-            sink.load(&name, &snapshot.schema, batches, mode)
-                .await
-                .map_err(|e| {
-                    TaskError::internal(format!("loading gold.{} into {name}: {e}", spec.name))
-                })
+            match warehouse {
+                Warehouse::Postgres(url) => {
+                    let mut sink = PostgresSink::connect(&url)
+                        .await
+                        .map_err(TaskError::internal)?;
+                    sink.load(&name, &snapshot.schema, batches, mode)
+                        .await
+                        .map_err(failed)
+                }
+                Warehouse::Redshift(redshift) => {
+                    let objects = self
+                        .objects
+                        .get_or_init(|| ObjectStore::connect(self.s3.clone()))
+                        .await
+                        .clone();
+                    let staging = S3Url::parse(&redshift.staging)
+                        .map_err(|e| TaskError::Invalid(format!("warehouse.redshift.staging: {e}")))?;
+                    let target = RedshiftTarget {
+                        cluster_id: redshift.cluster_id,
+                        workgroup: redshift.workgroup,
+                        database: redshift.database,
+                        db_user: redshift.db_user,
+                        secret_arn: redshift.secret_arn,
+                        iam_role: redshift.iam_role,
+                        staging,
+                    };
+                    let sink = RedshiftSink::connect(
+                        target,
+                        objects,
+                        self.redshift_data_endpoint.as_deref(),
+                        &self.spool_dir,
+                    )
+                    .await;
+                    sink.load(&name, &snapshot.schema, batches, mode)
+                        .await
+                        .map_err(failed)
+                }
+            }
         }
         .instrument(span.clone())
         .await?;

@@ -21,7 +21,7 @@ pub struct Config {
         default_value = "127.0.0.1:50063"
     )]
     pub listen: String,
-    /// Lake root: a local folder or file:// URL.
+    /// Lake root: a local folder, a file:// URL or s3://bucket/prefix.
     #[arg(long, env = "MEDALLION_LAKE", default_value = "./.medallion/lake")]
     pub lake: String,
     /// Arrow Flight endpoint of the refiner (silver is read only through it).
@@ -34,13 +34,22 @@ pub struct Config {
     /// Tasks this replica runs at once (each holds its tables in memory); more wait their turn.
     #[arg(long, env = "MEDALLION_AGGREGATOR_MAX_TASKS", default_value_t = 1)]
     pub max_tasks: usize,
+    /// Redshift Data API endpoint override (e.g. a local development endpoint); by default the
+    /// AWS endpoint of the region (or AWS_ENDPOINT_URL_REDSHIFT_DATA).
+    #[arg(long, env = "MEDALLION_REDSHIFT_DATA_ENDPOINT")]
+    pub redshift_data_endpoint: Option<String>,
+    /// Folder staged Parquet files are written to before upload (default: the system temp folder).
+    #[arg(long, env = "MEDALLION_SPOOL_DIR")]
+    pub spool_dir: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub s3: medallion_objects::S3Options,
     #[command(flatten)]
     pub service: medallion_server::ServiceOptions,
 }
 
 /// Serves the stage API and gold Flight until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let lake = Lake::open(&config.lake, Default::default())?;
+    let lake = Lake::connect(&config.lake, &config.s3).await?;
     let listener = medallion_server::bind(&config.listen).await?;
     let runner = aggregate::Aggregator {
         lake: lake.clone(),
@@ -48,6 +57,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             medallion_server::channel(&config.silver_flight, &config.service.tls)?,
             &config.silver_flight,
         ),
+        s3: config.s3.clone(),
+        objects: tokio::sync::OnceCell::new(),
+        redshift_data_endpoint: config.redshift_data_endpoint.clone(),
+        spool_dir: config.spool_dir.clone().unwrap_or_else(std::env::temp_dir),
     };
     medallion_stage::serve_layer(
         runner,

@@ -125,8 +125,14 @@ async fn read_source(pipeline: &Pipeline, name: &str, base: &str) -> anyhow::Res
     let mut batches = Vec::new();
     let mut schema = None;
     for file in files {
-        let (mut rx, handle) =
-            medallion_ingestor::sources::spawn_reader(source.clone(), file.clone());
+        let medallion_ingestor::sources::Location::Local(path) = &file.location else {
+            anyhow::bail!("the in-process baseline reads local files only");
+        };
+        let (mut rx, handle) = medallion_ingestor::sources::spawn_reader(
+            source.clone(),
+            path.clone(),
+            file.display(),
+        );
         while let Some(batch) = rx.recv().await {
             let batch = batch.map_err(anyhow::Error::msg)?;
             let full = schema

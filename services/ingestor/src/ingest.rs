@@ -9,22 +9,181 @@ use arrow::{
 };
 use medallion_lake::{Lake, TableSnapshot, WriteMode};
 use medallion_server::CancellationToken;
-use medallion_spec::Layer;
+use medallion_spec::{Layer, SourceFormat, SourceSpec};
 use medallion_stage::{Manifest, Progress, TaskError, TaskRequest, TaskRunner};
 
-use crate::sources::{self, SourceFile};
+use std::path::PathBuf;
+
+use medallion_objects::{ObjectStore, S3Options, S3Url};
+
+use crate::sources::{self, Location, SourceFile};
 
 /// Data-file tags that record which source file a bronze data file came from.
 const TAG_PATH: &str = "medallion.source.path";
 const TAG_SIZE: &str = "medallion.source.size";
 const TAG_MODIFIED: &str = "medallion.source.modified_us";
+const TAG_ETAG: &str = "medallion.source.etag";
+/// The incremental cursor of an HTTP source after the run that wrote the data file.
+const TAG_CURSOR: &str = "medallion.http.cursor";
 
 pub(crate) struct Ingestor {
     pub lake: Lake,
+    pub s3: S3Options,
+    /// Built on the first S3 source, so a local-only ingestor never loads AWS settings.
+    pub objects: tokio::sync::OnceCell<ObjectStore>,
+    /// Where S3 objects are streamed to before parsing.
+    pub spool_dir: PathBuf,
 }
 
-/// Source files already in the current bronze version, by (path, size, mtime).
-fn committed_files(snapshot: Option<&TableSnapshot>) -> BTreeSet<(String, u64, i64)> {
+impl Ingestor {
+    async fn objects(&self) -> &ObjectStore {
+        self.objects
+            .get_or_init(|| ObjectStore::connect(self.s3.clone()))
+            .await
+    }
+
+    /// An `http-json` source: fetch the pages after the stored cursor, commit the records and
+    /// the new cursor together, so a failed run leaves the cursor where it was.
+    async fn run_http(
+        &self,
+        task: TaskRequest,
+        source: SourceSpec,
+        progress: Progress,
+        cancel: CancellationToken,
+    ) -> Result<Manifest, TaskError> {
+        let name = source.name.clone();
+        let http = source
+            .http
+            .clone()
+            .ok_or_else(|| TaskError::Invalid(format!("source `{name}` has no http block")))?;
+        let current = self
+            .lake
+            .snapshot(Layer::Bronze, &name, None)
+            .await
+            .map_err(TaskError::internal)?;
+        if let Some(snapshot) = &current
+            && task.is_done(snapshot, false).await?
+        {
+            return Ok(Manifest::of_snapshot(snapshot, false));
+        }
+        let appending = current
+            .as_ref()
+            .filter(|c| !c.files.is_empty() && !task.full_refresh);
+        let since = appending.and_then(stored_cursor);
+        progress.report(&format!("fetching {}", http.url), 0, 0, true);
+        let fetch = crate::http::fetch(&http, since.as_deref(), &self.spool_dir, |pages, records| {
+            progress.report(&format!("fetched {pages} pages of {}", http.url), records, 0, false)
+        });
+        let fetched = tokio::select! {
+            r = fetch => r.map_err(|e| TaskError::Invalid(format!("source `{name}`: {e}")))?,
+            _ = cancel.cancelled() => return Err(TaskError::Cancelled),
+        };
+        if fetched.records == 0 {
+            return match appending {
+                Some(snapshot) => Ok(Manifest::of_snapshot(snapshot, false)),
+                None => Err(TaskError::Invalid(format!(
+                    "source `{name}`: {} returned no records (nothing to learn the columns from)",
+                    http.url
+                ))),
+            };
+        }
+        // Bronze keeps its columns: a field absent from this run's records is null; a new
+        // field needs a full refresh, like a changed file layout.
+        let columns: Vec<String> = match appending {
+            Some(snapshot) => {
+                let known: Vec<String> = snapshot
+                    .schema
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().clone())
+                    .filter(|n| !LINEAGE.contains(&n.as_str()))
+                    .collect();
+                let new: Vec<&String> = fetched.fields.iter().filter(|f| !known.contains(f)).collect();
+                if !new.is_empty() {
+                    return Err(TaskError::Invalid(format!(
+                        "source `{name}`: {} returned fields {new:?} that bronze.{name} lacks (run with full refresh to take the new layout)",
+                        http.url
+                    )));
+                }
+                known
+            }
+            None => fetched.fields.clone(),
+        };
+        let read_schema: SchemaRef = Arc::new(Schema::new(
+            columns
+                .iter()
+                .map(|c| Field::new(c, DataType::Utf8, true))
+                .collect::<Vec<_>>(),
+        ));
+        let full_schema = with_lineage(&read_schema);
+        let file = SourceFile {
+            location: Location::Http(http.url.clone()),
+            size: 0,
+            modified_us: chrono::Utc::now().timestamp_micros(),
+        };
+        let mut writer = self
+            .lake
+            .writer(Layer::Bronze, &name, full_schema.clone())
+            .await
+            .map_err(TaskError::internal)?;
+        let (mut rx, handle) = sources::spawn_ndjson_reader(
+            fetched.spool.path().to_path_buf(),
+            read_schema,
+            http.url.clone(),
+        );
+        let (mut rows, mut bytes) = (0u64, 0u64);
+        while let Some(batch) = rx.recv().await {
+            let batch = batch.map_err(TaskError::Invalid)?;
+            let out = add_lineage(&batch, &full_schema, &file, file.modified_us, &task.run_id)?;
+            rows += out.num_rows() as u64;
+            bytes += out.get_array_memory_size() as u64;
+            writer.write(out).await.map_err(TaskError::internal)?;
+            progress.report("writing", rows, bytes, false);
+        }
+        handle.await.map_err(TaskError::internal)?;
+        let mut tags = BTreeMap::from([(TAG_PATH.to_string(), http.url.clone())]);
+        if let Some(cursor) = &fetched.cursor {
+            tags.insert(TAG_CURSOR.to_string(), cursor.clone());
+        }
+        writer.finish_part(tags).await.map_err(TaskError::internal)?;
+        progress.report("committing", rows, bytes, true);
+        let mode = if appending.is_some() {
+            WriteMode::Append
+        } else {
+            WriteMode::Overwrite
+        };
+        let mut commit = task.commit_spec(&task.table, mode);
+        commit.metadata.insert("pages".into(), fetched.pages.into());
+        if let Some(cursor) = &fetched.cursor {
+            commit.metadata.insert("cursor".into(), cursor.clone().into());
+        }
+        let outcome = writer.commit(commit).await.map_err(TaskError::internal)?;
+        let mut manifest = Manifest::after_commit(&self.lake, &task.table, &outcome).await?;
+        if manifest.committed {
+            manifest.source_files = vec![http.url.clone()];
+        }
+        Ok(manifest)
+    }
+}
+
+/// The lineage columns bronze adds after the source's own.
+const LINEAGE: [&str; 4] = ["_source_file", "_source_modified", "_ingested_at", "_run_id"];
+
+/// The incremental cursor committed last: the highest over the table's data files.
+fn stored_cursor(snapshot: &TableSnapshot) -> Option<String> {
+    snapshot
+        .files
+        .iter()
+        .filter_map(|f| f.tags.get(TAG_CURSOR))
+        .max_by(|a, b| match (a.parse::<f64>(), b.parse::<f64>()) {
+            (Ok(x), Ok(y)) => x.total_cmp(&y),
+            _ => a.cmp(b),
+        })
+        .cloned()
+}
+
+/// Source files already in the current bronze version, by (path, size, version).
+fn committed_files(snapshot: Option<&TableSnapshot>) -> BTreeSet<(String, u64, String)> {
     let Some(snapshot) = snapshot else {
         return BTreeSet::new();
     };
@@ -32,10 +191,14 @@ fn committed_files(snapshot: Option<&TableSnapshot>) -> BTreeSet<(String, u64, i
         .files
         .iter()
         .filter_map(|f| {
+            let version = match f.tags.get(TAG_ETAG) {
+                Some(etag) => format!("etag:{etag}"),
+                None => f.tags.get(TAG_MODIFIED)?.clone(),
+            };
             Some((
                 f.tags.get(TAG_PATH)?.clone(),
                 f.tags.get(TAG_SIZE)?.parse().ok()?,
-                f.tags.get(TAG_MODIFIED)?.parse().ok()?,
+                version,
             ))
         })
         .collect()
@@ -99,9 +262,16 @@ impl TaskRunner for Ingestor {
             .source(&task.table.name)
             .cloned()
             .ok_or_else(|| TaskError::Invalid(format!("no source named {}", task.table.name)))?;
+        if source.format == SourceFormat::HttpJson {
+            return self.run_http(task, source, progress, cancel).await;
+        }
         let name = source.name.clone();
         progress.report("listing files", 0, 0, true);
-        let listed = {
+        let listed = if S3Url::is_s3(&source.path) {
+            sources::list_objects(&source, self.objects().await)
+                .await
+                .map_err(TaskError::Invalid)?
+        } else {
             let (source, base) = (source.clone(), task.base_dir.clone());
             tokio::task::spawn_blocking(move || sources::list_files(&source, &base))
                 .await
@@ -126,7 +296,7 @@ impl TaskRunner for Ingestor {
         };
         let new_files: Vec<SourceFile> = listed
             .into_iter()
-            .filter(|f| !seen.contains(&(f.display(), f.size, f.modified_us)))
+            .filter(|f| !seen.contains(&(f.display(), f.size, f.version())))
             .collect();
         if new_files.is_empty()
             && !task.full_refresh
@@ -141,7 +311,30 @@ impl TaskRunner for Ingestor {
         let (mut rows, mut bytes) = (0u64, 0u64);
         let mut taken = Vec::new();
         for file in &new_files {
-            let (mut rx, handle) = sources::spawn_reader(source.clone(), file.clone());
+            // An S3 object is streamed to a spool file first (bounded memory, seekable for
+            // the readers); the spool file is removed when `_spooled` drops.
+            let (path, _spooled) = match &file.location {
+                Location::Local(path) => (path.clone(), None),
+                Location::Http(url) => {
+                    return Err(TaskError::internal(format!("{url} is not a file source")));
+                }
+                Location::S3(object) => {
+                    progress.report(&format!("downloading {}", file.display()), rows, bytes, true);
+                    let spooled = tempfile::NamedTempFile::new_in(&self.spool_dir).map_err(|e| {
+                        TaskError::Invalid(format!(
+                            "spool folder {}: {e}",
+                            self.spool_dir.display()
+                        ))
+                    })?;
+                    let download = self.objects().await.download(object, spooled.path());
+                    tokio::select! {
+                        r = download => r.map_err(|e| TaskError::Invalid(e.to_string()))?,
+                        _ = cancel.cancelled() => return Err(TaskError::Cancelled),
+                    };
+                    (spooled.path().to_path_buf(), Some(spooled))
+                }
+            };
+            let (mut rx, handle) = sources::spawn_reader(source.clone(), path, file.display());
             loop {
                 let next = tokio::select! {
                     b = rx.recv() => b,
@@ -213,11 +406,14 @@ impl TaskRunner for Ingestor {
             }
             handle.await.map_err(TaskError::internal)?;
             if let Some(w) = writer.as_mut() {
-                let tags = BTreeMap::from([
+                let mut tags = BTreeMap::from([
                     (TAG_PATH.to_string(), file.display()),
                     (TAG_SIZE.to_string(), file.size.to_string()),
                     (TAG_MODIFIED.to_string(), file.modified_us.to_string()),
                 ]);
+                if let Location::S3(object) = &file.location {
+                    tags.insert(TAG_ETAG.to_string(), object.etag.clone());
+                }
                 w.finish_part(tags).await.map_err(TaskError::internal)?;
             }
             taken.push(file.display());

@@ -1,8 +1,10 @@
 //! The bronze layer: reads source files exactly as they are, adds lineage columns and commits
 //! them to `bronze/<source>` as one Delta commit per task. It remembers which files it took in
-//! (path, size, modification time are tags on the data files they became), so the next run
-//! ingests only new or changed files. Serves bronze over Arrow Flight.
+//! (path, size and modification time, or an S3 object's URL, size and ETag, are tags on the
+//! data files they became), so the next run ingests only new or changed files; an HTTP API
+//! source's incremental cursor is kept the same way. Serves bronze over Arrow Flight.
 
+pub mod http;
 pub mod ingest;
 pub mod sources;
 
@@ -20,21 +22,31 @@ pub struct Config {
         default_value = "127.0.0.1:50061"
     )]
     pub listen: String,
-    /// Lake root: a local folder or file:// URL.
+    /// Lake root: a local folder, a file:// URL or s3://bucket/prefix.
     #[arg(long, env = "MEDALLION_LAKE", default_value = "./.medallion/lake")]
     pub lake: String,
     /// Tasks this replica runs at once (each holds its tables in memory); more wait their turn.
     #[arg(long, env = "MEDALLION_INGESTOR_MAX_TASKS", default_value_t = 2)]
     pub max_tasks: usize,
+    /// Folder S3 source objects are streamed to before parsing (default: the system temp folder).
+    #[arg(long, env = "MEDALLION_SPOOL_DIR")]
+    pub spool_dir: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub s3: medallion_objects::S3Options,
     #[command(flatten)]
     pub service: medallion_server::ServiceOptions,
 }
 
 /// Serves the stage API and bronze Flight until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let lake = Lake::open(&config.lake, Default::default())?;
+    let lake = Lake::connect(&config.lake, &config.s3).await?;
     let listener = medallion_server::bind(&config.listen).await?;
-    let runner = ingest::Ingestor { lake: lake.clone() };
+    let runner = ingest::Ingestor {
+        lake: lake.clone(),
+        s3: config.s3.clone(),
+        objects: tokio::sync::OnceCell::new(),
+        spool_dir: config.spool_dir.clone().unwrap_or_else(std::env::temp_dir),
+    };
     medallion_stage::serve_layer(
         runner,
         config.max_tasks,

@@ -14,25 +14,69 @@ use arrow::{
     datatypes::{DataType, Field, Schema, SchemaRef},
     record_batch::RecordBatch,
 };
+use medallion_objects::{ObjectInfo, ObjectStore};
 use medallion_spec::{SourceFormat, SourceSpec};
 use tokio::sync::mpsc;
 
 /// Rows per batch read from a source file.
 pub const BATCH_ROWS: usize = 64 * 1024;
 
-/// A source file and the identity bronze remembers it by.
+/// Where a source file lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    Local(PathBuf),
+    S3(ObjectInfo),
+    /// The URL of an HTTP API source.
+    Http(String),
+}
+
+/// A source file and the identity bronze remembers it by: path, size and modification time
+/// for a local file; URL, size and ETag for an S3 object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceFile {
-    pub path: PathBuf,
+    pub location: Location,
     pub size: u64,
     /// Modification time, microseconds since the epoch.
     pub modified_us: i64,
 }
 
 impl SourceFile {
+    /// The file's path or `s3://` URL, as errors and lineage name it.
     pub fn display(&self) -> String {
-        self.path.display().to_string()
+        match &self.location {
+            Location::Local(path) => path.display().to_string(),
+            Location::S3(object) => object.url.to_string(),
+            Location::Http(url) => url.clone(),
+        }
     }
+
+    /// What changes when the content changes: the ETag of an object, else the mtime.
+    pub fn version(&self) -> String {
+        match &self.location {
+            Location::Local(_) => self.modified_us.to_string(),
+            Location::S3(object) => format!("etag:{}", object.etag),
+            Location::Http(_) => String::new(),
+        }
+    }
+}
+
+/// Lists the objects of an `s3://` source (a prefix, an object or a glob), sorted by key.
+pub async fn list_objects(
+    source: &SourceSpec,
+    store: &ObjectStore,
+) -> Result<Vec<SourceFile>, String> {
+    let objects = store
+        .list(&source.path)
+        .await
+        .map_err(|e| format!("source `{}`: {e}", source.name))?;
+    Ok(objects
+        .into_iter()
+        .map(|object| SourceFile {
+            size: object.size,
+            modified_us: object.modified_us,
+            location: Location::S3(object),
+        })
+        .collect())
 }
 
 /// Lists the files of a source: one file, every file of a folder, or a glob; sorted by path.
@@ -100,7 +144,7 @@ pub fn list_files(source: &SourceSpec, base_dir: &str) -> Result<Vec<SourceFile>
                 .map_or(0, |d| d.as_micros() as i64);
             let path = std::fs::canonicalize(&path).unwrap_or(path);
             Ok(SourceFile {
-                path,
+                location: Location::Local(path),
                 size: meta.len(),
                 modified_us,
             })
@@ -108,18 +152,19 @@ pub fn list_files(source: &SourceSpec, base_dir: &str) -> Result<Vec<SourceFile>
         .collect()
 }
 
-/// Reads one file on the blocking pool, sending its schema then its batches; errors name the file.
+/// Reads the local file at `path` on the blocking pool, sending its batches; errors name the
+/// file as `name` (its source path or URL; an S3 object is read from a local spool copy).
 pub fn spawn_reader(
     source: SourceSpec,
-    file: SourceFile,
+    path: PathBuf,
+    name: String,
 ) -> (
     mpsc::Receiver<Result<RecordBatch, String>>,
     tokio::task::JoinHandle<()>,
 ) {
     let (tx, rx) = mpsc::channel(4);
     let handle = tokio::task::spawn_blocking(move || {
-        let name = file.display();
-        let result = read_file(&source, &file.path, &tx);
+        let result = read_file(&source, &path, &tx);
         if let Err(e) = result {
             let _ = tx.blocking_send(Err(format!("{name}: {e}")));
         }
@@ -141,7 +186,37 @@ fn read_file(source: &SourceSpec, path: &Path, tx: &Sender) -> Result<(), String
         SourceFormat::Ndjson => read_ndjson(BufReader::new(file), tx),
         SourceFormat::Json => read_json_array(file, tx),
         SourceFormat::Parquet => read_parquet(file, tx),
+        SourceFormat::HttpJson => Err("http-json sources are fetched, not read from files".into()),
     }
+}
+
+/// Reads an NDJSON spool file with a known schema (fields it lacks are null) on the blocking
+/// pool, sending its batches; errors name the source as `name`.
+pub fn spawn_ndjson_reader(
+    path: PathBuf,
+    schema: SchemaRef,
+    name: String,
+) -> (
+    mpsc::Receiver<Result<RecordBatch, String>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = mpsc::channel(4);
+    let handle = tokio::task::spawn_blocking(move || {
+        let result = File::open(&path).map_err(|e| e.to_string()).and_then(|file| {
+            let reader = arrow::json::ReaderBuilder::new(schema)
+                .with_batch_size(BATCH_ROWS)
+                .build(BufReader::with_capacity(1 << 20, file))
+                .map_err(|e| e.to_string())?;
+            for batch in reader {
+                send(&tx, batch.map_err(|e| e.to_string())?)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            let _ = tx.blocking_send(Err(format!("{name}: {e}")));
+        }
+    });
+    (rx, handle)
 }
 
 fn ascii(c: char, what: &str) -> Result<u8, String> {

@@ -20,7 +20,7 @@ pub struct Config {
         default_value = "127.0.0.1:50062"
     )]
     pub listen: String,
-    /// Lake root: a local folder or file:// URL.
+    /// Lake root: a local folder, a file:// URL or s3://bucket/prefix.
     #[arg(long, env = "MEDALLION_LAKE", default_value = "./.medallion/lake")]
     pub lake: String,
     /// Arrow Flight endpoint of the ingestor (bronze is read only through it).
@@ -34,12 +34,14 @@ pub struct Config {
     #[arg(long, env = "MEDALLION_REFINER_MAX_TASKS", default_value_t = 1)]
     pub max_tasks: usize,
     #[command(flatten)]
+    pub s3: medallion_objects::S3Options,
+    #[command(flatten)]
     pub service: medallion_server::ServiceOptions,
 }
 
 /// Serves the stage API and silver and quarantine Flight until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let lake = Lake::open(&config.lake, Default::default())?;
+    let lake = Lake::connect(&config.lake, &config.s3).await?;
     let listener = medallion_server::bind(&config.listen).await?;
     let runner = refine::Refiner {
         lake: lake.clone(),

@@ -2,7 +2,9 @@
 //! `<lake root>/<layer>/<table>`.
 //!
 //! All table data goes through deltalake's log store / object store, so the same code
-//! serves a local folder today and object storage (storage options passed through) later.
+//! serves a local folder and S3 (or an S3-compatible store). On S3, commits are conditional
+//! writes of the next log entry (`If-None-Match: *`): of two writers racing for one version,
+//! exactly one wins and the other sees the conflict.
 //! Writes stream into parquet files and land in exactly one Delta commit that also records
 //! an application transaction, which makes retried tasks idempotent.
 
@@ -52,13 +54,31 @@ impl fmt::Debug for Lake {
 }
 
 impl Lake {
-    /// Opens a lake at `root` (a local path or a URL such as `file:///data/lake`); a local
-    /// root folder is created if missing. `storage_options` go to the object store as-is.
+    /// Opens a lake at `root`: a local path, a `file://` URL or `s3://bucket/prefix`. A local
+    /// root folder is created if missing. `storage_options` go to the object store as-is (for
+    /// S3, `medallion_objects::ObjectStore::delta_storage_options` gives them).
     pub fn open(root: &str, storage_options: HashMap<String, String>) -> Result<Lake> {
+        static S3_HANDLERS: std::sync::Once = std::sync::Once::new();
+        S3_HANDLERS.call_once(|| deltalake::aws::register_handlers(None));
         Ok(Lake {
             root: Arc::new(parse_root(root)?),
             storage_options: Arc::new(storage_options),
         })
+    }
+
+    /// Opens a lake at `root` with storage options from the shared S3 settings when the root
+    /// is on S3 (`s3://bucket/prefix`), so the lake and the services' own S3 calls agree.
+    pub async fn connect(root: &str, s3: &medallion_objects::S3Options) -> Result<Lake> {
+        if medallion_objects::S3Url::is_s3(root) {
+            let store = medallion_objects::ObjectStore::connect(s3.clone()).await;
+            return Lake::open(root, store.delta_storage_options());
+        }
+        Lake::open(root, HashMap::new())
+    }
+
+    /// Whether the lake is on object storage rather than a local folder.
+    pub fn is_remote(&self) -> bool {
+        self.root.scheme() != "file"
     }
 
     /// The lake root URL (always ends with `/`).

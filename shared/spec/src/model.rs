@@ -1,7 +1,7 @@
 //! The pipeline spec as written in YAML. Field names here are the spec's public format:
 //! the README's spec reference documents exactly these.
 
-use std::{fmt, str::FromStr};
+use std::{collections::BTreeMap, fmt, str::FromStr};
 
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -117,6 +117,90 @@ pub enum SourceFormat {
     /// A JSON array of objects (or one object) per file.
     Json,
     Parquet,
+    /// Records from an HTTP JSON API, page by page (settings in the source's `http` block).
+    #[serde(rename = "http-json")]
+    HttpJson,
+}
+
+/// An HTTP JSON API source: where to ask, how to page, how to be polite, and what to remember.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSourceSpec {
+    pub url: String,
+    #[serde(default = "default_method")]
+    pub method: String,
+    /// Request headers. `${VAR}` in a value is replaced by the ingestor's environment variable
+    /// VAR, so secrets stay out of the spec (`Authorization: "Bearer ${API_TOKEN}"`).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Dotted path of the records array in each response (`data.items`); empty: the response
+    /// itself is the array.
+    #[serde(default)]
+    pub records: String,
+    #[serde(default)]
+    pub pagination: Option<PaginationSpec>,
+    /// At most this many requests per second.
+    #[serde(default)]
+    pub rate_limit_per_sec: Option<f64>,
+    /// Retries of a request answered 429 or 5xx (or not answered), with exponential backoff
+    /// and jitter, honouring Retry-After.
+    #[serde(default = "default_http_retries")]
+    pub retries: u32,
+    #[serde(default = "default_http_timeout")]
+    pub timeout_secs: u64,
+    #[serde(default)]
+    pub incremental: Option<IncrementalSpec>,
+}
+
+/// How to get the next page; give one style.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PaginationSpec {
+    /// Dotted path of the next page's URL in the response; stops when absent or null.
+    #[serde(default)]
+    pub next_link: Option<String>,
+    /// Query parameter of the page number, counted from `start`; stops on an empty page (or
+    /// one shorter than `limit`).
+    #[serde(default)]
+    pub page_param: Option<String>,
+    #[serde(default = "default_page_start")]
+    pub start: u64,
+    /// Query parameter of the record offset; stops on an empty page or one shorter than `limit`.
+    #[serde(default)]
+    pub offset_param: Option<String>,
+    /// Page size sent as `limit_param` with page and offset styles.
+    #[serde(default)]
+    pub limit: Option<u64>,
+    #[serde(default)]
+    pub limit_param: Option<String>,
+    /// Query parameter carrying the cursor read from `cursor_path`; stops when absent or null.
+    #[serde(default)]
+    pub cursor_param: Option<String>,
+    #[serde(default)]
+    pub cursor_path: Option<String>,
+}
+
+/// Remember the highest `field` value seen; the next run sends it as query parameter `param`,
+/// so the API returns only records changed after it. It is stored in the bronze commit
+/// itself, so a failed run leaves it where the last committed run put it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IncrementalSpec {
+    pub field: String,
+    pub param: String,
+}
+
+fn default_method() -> String {
+    "GET".into()
+}
+fn default_http_retries() -> u32 {
+    5
+}
+fn default_http_timeout() -> u64 {
+    30
+}
+fn default_page_start() -> u64 {
+    1
 }
 
 /// Raw input landing in `bronze.<name>`.
@@ -125,8 +209,13 @@ pub enum SourceFormat {
 pub struct SourceSpec {
     pub name: String,
     pub format: SourceFormat,
-    /// A file, a folder (every file in it) or a glob; relative to the spec's base directory.
+    /// A file, a folder (every file in it) or a glob; relative to the spec's base directory, or
+    /// `s3://bucket/prefix/` (a glob is allowed in the key). Not used by `http-json`.
+    #[serde(default)]
     pub path: String,
+    /// The API of an `http-json` source.
+    #[serde(default)]
+    pub http: Option<HttpSourceSpec>,
     #[serde(default)]
     pub options: CsvOptions,
     /// Infer column types from the data instead of keeping CSV columns as strings.
@@ -422,12 +511,36 @@ pub enum LoadMode {
     Merge,
 }
 
-/// The warehouse gold tables are loaded into.
+/// The warehouse gold tables are loaded into: PostgreSQL or Amazon Redshift (one of them).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WarehouseSpec {
     #[serde(default)]
     pub postgres: Option<PostgresSpec>,
+    #[serde(default)]
+    pub redshift: Option<RedshiftSpec>,
+}
+
+/// Amazon Redshift through the Redshift Data API: a provisioned cluster (`cluster_id` with
+/// `db_user` or `secret_arn`) or Serverless (`workgroup`). Gold is staged as Parquet under
+/// `staging` and loaded with `COPY … IAM_ROLE`. Credentials come from the aggregator's AWS
+/// credential chain, never from the spec.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RedshiftSpec {
+    #[serde(default)]
+    pub cluster_id: Option<String>,
+    #[serde(default)]
+    pub workgroup: Option<String>,
+    pub database: String,
+    #[serde(default)]
+    pub db_user: Option<String>,
+    #[serde(default)]
+    pub secret_arn: Option<String>,
+    /// ARN of the IAM role Redshift assumes to read the staged files.
+    pub iam_role: String,
+    /// `s3://bucket/prefix/` for the staged Parquet files (removed after each load).
+    pub staging: String,
 }
 
 /// A PostgreSQL connection; keep passwords out of the spec with `url_env`.

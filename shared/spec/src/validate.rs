@@ -394,12 +394,7 @@ pub(crate) fn validate(spec: &PipelineSpec) -> Result<Dag, SpecError> {
     let mut nodes = Vec::new();
 
     for (i, source) in spec.sources.iter().enumerate() {
-        if source.path.trim().is_empty() {
-            return Err(SpecError::new(
-                format!("sources[{i}].path"),
-                "a source needs a path",
-            ));
-        }
+        check_source_location(i, source)?;
         let columns = source.columns.as_ref().map(|cols| {
             cols.iter()
                 .cloned()
@@ -475,30 +470,133 @@ pub(crate) fn validate(spec: &PipelineSpec) -> Result<Dag, SpecError> {
         });
     }
 
-    if spec.gold.iter().any(|g| g.warehouse.is_some()) {
-        let pg = spec.warehouse.as_ref().and_then(|w| w.postgres.as_ref());
-        match pg {
-            None => {
-                let i = spec
-                    .gold
-                    .iter()
-                    .position(|g| g.warehouse.is_some())
-                    .unwrap_or(0);
-                return Err(SpecError::new(
-                    format!("gold[{i}].warehouse"),
-                    "a gold table is loaded into the warehouse but the spec has no `warehouse` section",
-                ));
-            }
-            Some(pg) if pg.url.is_none() == pg.url_env.is_none() => {
-                return Err(SpecError::new(
-                    "warehouse.postgres",
-                    "give exactly one of `url` or `url_env`",
-                ));
-            }
-            Some(_) => {}
-        }
+    if let Some(warehouse) = &spec.warehouse {
+        check_warehouse(warehouse)?;
+    }
+    if spec.gold.iter().any(|g| g.warehouse.is_some()) && spec.warehouse.is_none() {
+        let i = spec
+            .gold
+            .iter()
+            .position(|g| g.warehouse.is_some())
+            .unwrap_or(0);
+        return Err(SpecError::new(
+            format!("gold[{i}].warehouse"),
+            "a gold table is loaded into the warehouse but the spec has no `warehouse` section",
+        ));
     }
     Ok(Dag { nodes })
+}
+
+/// A file source needs a path; an HTTP source needs a usable `http` block.
+fn check_source_location(i: usize, source: &crate::SourceSpec) -> Result<(), SpecError> {
+    let at = |field: &str| format!("sources[{i}].{field}");
+    let Some(http) = &source.http else {
+        if source.format == crate::SourceFormat::HttpJson {
+            return Err(SpecError::new(at("http"), "an http-json source needs an `http` block"));
+        }
+        if source.path.trim().is_empty() {
+            return Err(SpecError::new(at("path"), "a source needs a path"));
+        }
+        return Ok(());
+    };
+    if source.format != crate::SourceFormat::HttpJson {
+        return Err(SpecError::new(at("http"), "only `format: http-json` sources take an `http` block"));
+    }
+    if !source.path.is_empty() {
+        return Err(SpecError::new(at("path"), "an http-json source takes its address from `http.url`"));
+    }
+    if !(http.url.starts_with("http://") || http.url.starts_with("https://")) {
+        return Err(SpecError::new(at("http.url"), "must be an http:// or https:// URL"));
+    }
+    if !matches!(http.method.to_ascii_uppercase().as_str(), "GET" | "POST") {
+        return Err(SpecError::new(at("http.method"), "GET or POST"));
+    }
+    if http.rate_limit_per_sec.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        return Err(SpecError::new(at("http.rate_limit_per_sec"), "must be above 0"));
+    }
+    if http.timeout_secs == 0 || http.timeout_secs > 3600 {
+        return Err(SpecError::new(at("http.timeout_secs"), "between 1 and 3600"));
+    }
+    if http.retries > 20 {
+        return Err(SpecError::new(at("http.retries"), "at most 20"));
+    }
+    if let Some(p) = &http.pagination {
+        let styles = [
+            p.next_link.is_some(),
+            p.page_param.is_some(),
+            p.offset_param.is_some(),
+            p.cursor_param.is_some(),
+        ];
+        if styles.iter().filter(|s| **s).count() != 1 {
+            return Err(SpecError::new(
+                at("http.pagination"),
+                "give one of `next_link`, `page_param`, `offset_param` or `cursor_param`",
+            ));
+        }
+        if p.offset_param.is_some() && p.limit.is_none() {
+            return Err(SpecError::new(at("http.pagination.limit"), "offset pagination needs a page size"));
+        }
+        if p.cursor_param.is_some() && p.cursor_path.is_none() {
+            return Err(SpecError::new(at("http.pagination.cursor_path"), "cursor pagination needs the cursor's path in the response"));
+        }
+        if p.limit.is_some() != p.limit_param.is_some() {
+            return Err(SpecError::new(at("http.pagination"), "give `limit` and `limit_param` together"));
+        }
+    }
+    Ok(())
+}
+
+/// Exactly one warehouse, each with the settings it needs to connect.
+fn check_warehouse(warehouse: &crate::WarehouseSpec) -> Result<(), SpecError> {
+    match (&warehouse.postgres, &warehouse.redshift) {
+        (None, None) => Err(SpecError::new(
+            "warehouse",
+            "give `postgres` or `redshift`",
+        )),
+        (Some(_), Some(_)) => Err(SpecError::new(
+            "warehouse",
+            "give only one of `postgres` or `redshift`",
+        )),
+        (Some(pg), None) if pg.url.is_none() == pg.url_env.is_none() => Err(SpecError::new(
+            "warehouse.postgres",
+            "give exactly one of `url` or `url_env`",
+        )),
+        (Some(_), None) => Ok(()),
+        (None, Some(rs)) => {
+            let blank = |v: &Option<String>| v.as_deref().is_none_or(|v| v.trim().is_empty());
+            if blank(&rs.cluster_id) == blank(&rs.workgroup) {
+                return Err(SpecError::new(
+                    "warehouse.redshift",
+                    "give exactly one of `cluster_id` (provisioned) or `workgroup` (Serverless)",
+                ));
+            }
+            if !blank(&rs.cluster_id) && blank(&rs.db_user) && blank(&rs.secret_arn) {
+                return Err(SpecError::new(
+                    "warehouse.redshift",
+                    "a provisioned cluster needs `db_user` or `secret_arn`",
+                ));
+            }
+            if !blank(&rs.db_user) && !blank(&rs.secret_arn) {
+                return Err(SpecError::new(
+                    "warehouse.redshift",
+                    "give only one of `db_user` or `secret_arn`",
+                ));
+            }
+            if rs.database.trim().is_empty() {
+                return Err(SpecError::new("warehouse.redshift.database", "empty"));
+            }
+            if rs.iam_role.trim().is_empty() {
+                return Err(SpecError::new("warehouse.redshift.iam_role", "empty"));
+            }
+            if !rs.staging.starts_with("s3://") || rs.staging.len() <= "s3://".len() {
+                return Err(SpecError::new(
+                    "warehouse.redshift.staging",
+                    "must be an s3://bucket/prefix/ URL",
+                ));
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Bounds that keep retries and timeouts meaningful.

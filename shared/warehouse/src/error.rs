@@ -85,6 +85,18 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
 
+    /// Writing or uploading the staged Parquet files for a Redshift load failed.
+    #[error("staging the rows for {table} failed: {detail}")]
+    Staging { table: QualifiedName, detail: String },
+
+    /// Redshift (or its Data API) refused a call or a statement; `message` is its own text.
+    #[error("redshift load of {table} failed{}: {message}", if statement.is_empty() { String::new() } else { format!(" in `{statement}`") })]
+    Redshift {
+        table: QualifiedName,
+        statement: String,
+        message: String,
+    },
+
     /// The blocking encoder task panicked or was cancelled.
     #[error("encoding a batch for {table} failed: {source}")]
     EncodeTask {

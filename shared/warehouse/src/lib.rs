@@ -1,4 +1,5 @@
-//! Loads Arrow tables into PostgreSQL.
+//! Loads Arrow tables into PostgreSQL, or into Amazon Redshift through the Redshift Data API
+//! ([`RedshiftSink`], which stages Parquet on S3 and loads it with `COPY`).
 //!
 //! [`PostgresSink::load`] runs one transaction per load:
 //!
@@ -13,14 +14,17 @@
 //! Any failure (bad input, a constraint violation, a broken stream) rolls the whole load back,
 //! leaving the previous rows in place.
 //!
-//! Dependency direction: this is a `shared/*` crate; it depends on no other Medallion crate.
+//! Dependency direction: this is a `shared/*` crate; it depends only on `medallion-objects`
+//! (for the Redshift staging files).
 
 mod copy;
 mod error;
 mod name;
+mod redshift;
 mod sink;
 mod types;
 
 pub use error::{Error, Result};
 pub use name::QualifiedName;
+pub use redshift::{RedshiftSink, RedshiftTarget, STAGED_FILE_ROWS};
 pub use sink::{LoadMode, LoadReport, PostgresSink};

@@ -189,13 +189,13 @@ fn endpoint(config: &Config) -> String {
 }
 
 /// One target column: its name, PostgreSQL type and whether it may be null.
-struct PgColumn {
-    name: String,
-    pg_type: String,
-    nullable: bool,
+pub(crate) struct PgColumn {
+    pub(crate) name: String,
+    pub(crate) pg_type: String,
+    pub(crate) nullable: bool,
 }
 
-fn plan_columns(target: &QualifiedName, schema: &SchemaRef) -> Result<Vec<PgColumn>> {
+pub(crate) fn plan_columns(target: &QualifiedName, schema: &SchemaRef) -> Result<Vec<PgColumn>> {
     if schema.fields().is_empty() {
         return Err(Error::SchemaMismatch {
             table: target.clone(),
@@ -229,7 +229,7 @@ fn plan_columns(target: &QualifiedName, schema: &SchemaRef) -> Result<Vec<PgColu
 }
 
 /// Checks the merge keys name distinct columns of the schema.
-fn plan_keys(target: &QualifiedName, columns: &[PgColumn], keys: &[String]) -> Result<Vec<String>> {
+pub(crate) fn plan_keys(target: &QualifiedName, columns: &[PgColumn], keys: &[String]) -> Result<Vec<String>> {
     let invalid = |detail: String| Error::InvalidKeys {
         table: target.clone(),
         detail,

@@ -38,6 +38,33 @@ pub(crate) fn pg_type(data_type: &DataType) -> Option<String> {
     Some(name.to_owned())
 }
 
+/// The Amazon Redshift column type for an Arrow type (the ones [`pg_type`] accepts). Strings
+/// get Redshift's widest VARCHAR: its `TEXT` is only VARCHAR(256).
+pub(crate) fn redshift_type(data_type: &DataType) -> Option<String> {
+    let name = match data_type {
+        DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8 => "VARCHAR(65535)",
+        DataType::Boolean => "BOOLEAN",
+        DataType::Int16 => "SMALLINT",
+        DataType::Int32 => "INTEGER",
+        DataType::Int64 => "BIGINT",
+        DataType::Float32 => "REAL",
+        DataType::Float64 => "DOUBLE PRECISION",
+        DataType::Date32 => "DATE",
+        DataType::Timestamp(TimeUnit::Second | TimeUnit::Millisecond | TimeUnit::Microsecond, tz) => {
+            if tz.is_some() { "TIMESTAMPTZ" } else { "TIMESTAMP" }
+        }
+        DataType::Decimal128(precision, scale)
+            if (1..=DECIMAL128_MAX_PRECISION).contains(precision)
+                && *scale >= 0
+                && scale.unsigned_abs() <= *precision =>
+        {
+            return Some(format!("DECIMAL({precision},{scale})"));
+        }
+        _ => return None,
+    };
+    Some(name.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
