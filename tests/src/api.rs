@@ -82,7 +82,10 @@ fn response(status: u16, body: String) -> hyper::Response<Full<Bytes>> {
     r
 }
 
-fn respond<B>(state: &Mutex<ApiState>, request: &hyper::Request<B>) -> hyper::Response<Full<Bytes>> {
+fn respond<B>(
+    state: &Mutex<ApiState>,
+    request: &hyper::Request<B>,
+) -> hyper::Response<Full<Bytes>> {
     let Ok(mut s) = state.lock() else {
         return response(500, "poisoned".into());
     };
@@ -111,7 +114,9 @@ fn respond<B>(state: &Mutex<ApiState>, request: &hyper::Request<B>) -> hyper::Re
             .map(|(_, v)| v.replace("%3A", ":"))
     };
     let page: u64 = param("page").and_then(|p| p.parse().ok()).unwrap_or(1);
-    let per_page: usize = param("per_page").and_then(|p| p.parse().ok()).unwrap_or(100);
+    let per_page: usize = param("per_page")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(100);
     if s.fail_page_once == Some(page) {
         s.fail_page_once = None;
         return response(500, "internal error".into());
@@ -123,7 +128,11 @@ fn respond<B>(state: &Mutex<ApiState>, request: &hyper::Request<B>) -> hyper::Re
     let mut matching: Vec<&Ticket> = s
         .tickets
         .iter()
-        .filter(|t| since.as_ref().is_none_or(|since| t.updated_at.as_str() > since.as_str()))
+        .filter(|t| {
+            since
+                .as_ref()
+                .is_none_or(|since| t.updated_at.as_str() > since.as_str())
+        })
         .collect();
     matching.sort_by(|a, b| (&a.updated_at, a.id).cmp(&(&b.updated_at, b.id)));
     let start = (page.saturating_sub(1) as usize) * per_page;

@@ -120,10 +120,18 @@ async fn handle(
             let sqls: Vec<String> = input
                 .get("Sqls")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_string)
+                        .collect()
+                })
                 .unwrap_or_default();
             if sqls.is_empty() {
-                return client_error("ValidationException", "Sqls must hold at least one statement");
+                return client_error(
+                    "ValidationException",
+                    "Sqls must hold at least one statement",
+                );
             }
             submit(state, input.clone(), sqls)
         }
@@ -133,7 +141,10 @@ async fn handle(
             "ValidationException",
             "CancelStatement is not supported by this development endpoint",
         ),
-        other => client_error("UnknownOperationException", format!("unknown operation `{other}`")),
+        other => client_error(
+            "UnknownOperationException",
+            format!("unknown operation `{other}`"),
+        ),
     }
 }
 
@@ -168,7 +179,13 @@ fn submit(state: Arc<State>, input: Value, sqls: Vec<String>) -> hyper::Response
     }
     tokio::spawn(execute(state, id.clone()));
     let mut out = json!({"Id": id, "CreatedAt": created_at});
-    for key in ["Database", "ClusterIdentifier", "WorkgroupName", "DbUser", "SecretArn"] {
+    for key in [
+        "Database",
+        "ClusterIdentifier",
+        "WorkgroupName",
+        "DbUser",
+        "SecretArn",
+    ] {
         if let Some(v) = input.get(key) {
             out[key] = v.clone();
         }
@@ -210,7 +227,13 @@ fn describe(s: &Statement) -> hyper::Response<Full<Bytes>> {
         "HasResultSet": !s.columns.is_empty(),
         "ResultRows": s.subs.last().map_or(0, |sub| sub.2),
     });
-    for key in ["Database", "ClusterIdentifier", "WorkgroupName", "DbUser", "SecretArn"] {
+    for key in [
+        "Database",
+        "ClusterIdentifier",
+        "WorkgroupName",
+        "DbUser",
+        "SecretArn",
+    ] {
         if let Some(v) = s.request.get(key) {
             out[key] = v.clone();
         }
@@ -249,7 +272,10 @@ fn result(s: &Statement) -> hyper::Response<Full<Bytes>> {
     if s.status != "FINISHED" || s.columns.is_empty() {
         return client_error(
             "ValidationException",
-            format!("statement `{}` has no result set (status {})", s.id, s.status),
+            format!(
+                "statement `{}` has no result set (status {})",
+                s.id, s.status
+            ),
         );
     }
     let records: Vec<Value> = s
@@ -359,7 +385,11 @@ async fn query(
                 columns = cols.iter().map(|c| c.name().to_string()).collect();
             }
             SimpleQueryMessage::Row(row) => {
-                records.push((0..row.len()).map(|i| row.get(i).map(str::to_string)).collect());
+                records.push(
+                    (0..row.len())
+                        .map(|i| row.get(i).map(str::to_string))
+                        .collect(),
+                );
             }
             SimpleQueryMessage::CommandComplete(n) => affected = i64::try_from(n).unwrap_or(0),
             _ => {}
@@ -411,7 +441,11 @@ fn parse_copy(sql: &str) -> Option<Copy<'_>> {
         .collect::<Vec<_>>()
         .join(" ")
         .to_ascii_uppercase();
-    Some(Copy { table, url, options })
+    Some(Copy {
+        table,
+        url,
+        options,
+    })
 }
 
 /// Loads every Parquet object under the COPY's prefix into its table.
@@ -458,7 +492,11 @@ async fn copy_from_s3(
                 .and_then(|()| writer.finish())
                 .map_err(|e| format!("ERROR: {e}"))?;
             let text = String::from_utf8(writer.into_inner()).map_err(|e| format!("ERROR: {e}"))?;
-            let text = if text.is_empty() { "[]".to_string() } else { text };
+            let text = if text.is_empty() {
+                "[]".to_string()
+            } else {
+                text
+            };
             loaded += i64::try_from(
                 client
                     .execute(&insert, &[&text])

@@ -287,4 +287,3 @@ pub async fn assert_warehouse_matches(cluster: &Cluster, schema: &str) {
         .await
         .expect("drop test schema");
 }
-

@@ -32,7 +32,14 @@ impl S3Server {
         )?;
         let port = free_port();
         let child = Command::new(python)
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -133,7 +140,12 @@ impl S3Server {
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
-            keys.extend(page?.contents().iter().filter_map(|o| o.key().map(str::to_string)));
+            keys.extend(
+                page?
+                    .contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_string)),
+            );
         }
         keys.sort();
         Ok(keys)
@@ -151,16 +163,26 @@ impl RedshiftDataLocal {
         let port = free_port();
         let log = std::fs::File::create(log)?;
         let child = Command::new(bin_dir().join("redshift-data-local"))
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--postgres", &postgres_url()])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--postgres",
+                &postgres_url(),
+            ])
             .envs(s3.env())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
-            .context("starting redshift-data-local (build it with `cargo build --workspace --bins`)")?;
+            .context(
+                "starting redshift-data-local (build it with `cargo build --workspace --bins`)",
+            )?;
         for _ in 0..300 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
                 return Ok(RedshiftDataLocal {
                     endpoint: format!("http://127.0.0.1:{port}"),
                     _child: child,

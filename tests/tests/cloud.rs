@@ -151,7 +151,10 @@ async fn s3_sources_ingest_only_new_and_rewritten_objects() {
 
     let (run, _) = cluster.run("landing", false).await.expect("run 1");
     assert!(succeeded(&run), "{run:?}");
-    let m = task(&run, "bronze.events").manifest.clone().expect("manifest");
+    let m = task(&run, "bronze.events")
+        .manifest
+        .clone()
+        .expect("manifest");
     assert_eq!(m.rows_written, 3);
     assert_eq!(
         m.source_files,
@@ -160,7 +163,10 @@ async fn s3_sources_ingest_only_new_and_rewritten_objects() {
 
     // Nothing new: nothing committed.
     let (run, _) = cluster.run("landing", false).await.expect("run 2");
-    let m = task(&run, "bronze.events").manifest.clone().expect("manifest");
+    let m = task(&run, "bronze.events")
+        .manifest
+        .clone()
+        .expect("manifest");
     assert!(!m.committed, "a run without new objects committed");
 
     // One new object and one rewritten object (new ETag): only they are read, and the
@@ -173,7 +179,10 @@ async fn s3_sources_ingest_only_new_and_rewritten_objects() {
         .expect("put");
     let (run, _) = cluster.run("landing", false).await.expect("run 3");
     assert!(succeeded(&run), "{run:?}");
-    let m = task(&run, "bronze.events").manifest.clone().expect("manifest");
+    let m = task(&run, "bronze.events")
+        .manifest
+        .clone()
+        .expect("manifest");
     assert!(m.committed);
     assert_eq!(
         m.source_files,
@@ -230,9 +239,7 @@ async fn concurrent_commits_to_one_s3_table_never_both_take_a_version() {
             writer
                 .write(batch(&schema, &name, (w * 100)..(w * 100 + 100)))
                 .await?;
-            writer
-                .commit(commit_spec(WriteMode::Append, &name))
-                .await
+            writer.commit(commit_spec(WriteMode::Append, &name)).await
         }));
     }
     let mut versions = Vec::new();
@@ -253,7 +260,10 @@ async fn concurrent_commits_to_one_s3_table_never_both_take_a_version() {
     assert_eq!(snapshot.version, WRITERS);
     assert_eq!(snapshot.total_rows(), Some(1 + WRITERS * 100));
     // The log holds exactly one entry per version.
-    let entries = s3.keys("lake", "race/silver/t/_delta_log/").await.expect("list");
+    let entries = s3
+        .keys("lake", "race/silver/t/_delta_log/")
+        .await
+        .expect("list");
     let commits = entries.iter().filter(|k| k.ends_with(".json")).count();
     assert_eq!(commits as i64, WRITERS + 1, "{entries:?}");
 }
@@ -273,7 +283,9 @@ fn batch(schema: &Arc<Schema>, writer: &str, ids: std::ops::Range<i64>) -> Recor
         schema.clone(),
         vec![
             Arc::new(Int64Array::from_iter_values(ids)),
-            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(writer, n))),
+            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+                writer, n,
+            ))),
         ],
     )
     .expect("batch")
@@ -306,7 +318,10 @@ async fn cloud_failures_are_clear_and_commit_nothing() {
         "{error}"
     );
     assert!(
-        s3.keys("lake", "failures/bronze/gone/").await.expect("list").is_empty(),
+        s3.keys("lake", "failures/bronze/gone/")
+            .await
+            .expect("list")
+            .is_empty(),
         "something was written for a failed source"
     );
 
@@ -324,9 +339,13 @@ async fn cloud_failures_are_clear_and_commit_nothing() {
         ))
         .await
         .expect("prepare target");
-    s3.put("raw", "sales/a.csv", b"region,amount\neu,10\nus,5\neu,1\n".to_vec())
-        .await
-        .expect("put");
+    s3.put(
+        "raw",
+        "sales/a.csv",
+        b"region,amount\neu,10\nus,5\neu,1\n".to_vec(),
+    )
+    .await
+    .expect("put");
     let spec = format!(
         "name: sales
 sources:
@@ -360,7 +379,10 @@ gold:
         .collect();
     assert_eq!(kept, [7], "the failed load changed the target");
     assert!(
-        s3.keys("stage", "medallion/").await.expect("list").is_empty(),
+        s3.keys("stage", "medallion/")
+            .await
+            .expect("list")
+            .is_empty(),
         "staged files left behind after a failed load"
     );
     client

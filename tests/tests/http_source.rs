@@ -79,7 +79,11 @@ async fn http_source_pages_retries_and_keeps_its_cursor_across_a_failed_run() {
         assert_eq!(s.requests.len(), 5, "{:?}", s.requests);
         assert!(s.requests.iter().all(|q| !q.contains("updated_since")));
     }
-    let version = task(&run, "bronze.tickets").manifest.as_ref().expect("m").version;
+    let version = task(&run, "bronze.tickets")
+        .manifest
+        .as_ref()
+        .expect("m")
+        .version;
 
     // Changes at the source; then run 2 meets a page that is not JSON.
     {
@@ -97,7 +101,11 @@ async fn http_source_pages_retries_and_keeps_its_cursor_across_a_failed_run() {
         error.contains(&api.url) && error.contains("page 2") && error.contains("not JSON"),
         "{error}"
     );
-    assert_eq!(bronze(&cluster).await.len(), 5, "a failed run committed rows");
+    assert_eq!(
+        bronze(&cluster).await.len(),
+        5,
+        "a failed run committed rows"
+    );
 
     // Run 3 starts from the cursor of run 1: exactly the three changed records are added.
     {
@@ -128,5 +136,11 @@ async fn http_source_pages_retries_and_keeps_its_cursor_across_a_failed_run() {
     // Nothing changed since: nothing is committed.
     let (run, _) = cluster.run("api", false).await.expect("run 4");
     assert!(succeeded(&run), "{run:?}");
-    assert!(!task(&run, "bronze.tickets").manifest.as_ref().expect("m").committed);
+    assert!(
+        !task(&run, "bronze.tickets")
+            .manifest
+            .as_ref()
+            .expect("m")
+            .committed
+    );
 }

@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use futures::StreamExt;
 use medallion_flight::FlightReader;
 use medallion_lake::{Lake, Layer, WriteMode};
+use medallion_objects::{ObjectStore, S3Options, S3Url};
 use medallion_server::CancellationToken;
 use medallion_spec::{GoldSpec, LoadMode, Pipeline, TableRef};
 use medallion_stage::{Manifest, Progress, TaskError, TaskRequest, TaskRunner};
-use medallion_objects::{ObjectStore, S3Options, S3Url};
 use medallion_warehouse::{PostgresSink, QualifiedName, RedshiftSink, RedshiftTarget};
 use polars::prelude::*;
 use tracing::Instrument as _;
@@ -185,8 +185,9 @@ impl Aggregator {
                         .get_or_init(|| ObjectStore::connect(self.s3.clone()))
                         .await
                         .clone();
-                    let staging = S3Url::parse(&redshift.staging)
-                        .map_err(|e| TaskError::Invalid(format!("warehouse.redshift.staging: {e}")))?;
+                    let staging = S3Url::parse(&redshift.staging).map_err(|e| {
+                        TaskError::Invalid(format!("warehouse.redshift.staging: {e}"))
+                    })?;
                     let target = RedshiftTarget {
                         cluster_id: redshift.cluster_id,
                         workgroup: redshift.workgroup,

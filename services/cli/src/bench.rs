@@ -23,6 +23,11 @@ pub struct BenchArgs {
     pub work: PathBuf,
     #[arg(long, default_value_t = 50080)]
     pub base_port: u16,
+    /// Lake of the services run: `s3://bucket/prefix` puts it on S3 (settings from MEDALLION_S3_*
+    /// and AWS_* in the environment); each run writes under a fresh prefix below it. Default: a
+    /// folder in the work folder, made anew each run.
+    #[arg(long)]
+    pub lake: Option<String>,
 }
 
 /// Peak resident memory (VmHWM) of a process, in bytes.
@@ -66,14 +71,23 @@ async fn services_path(
     args: &BenchArgs,
     work: &std::path::Path,
 ) -> anyhow::Result<(BTreeMap<&'static str, f64>, f64, Vec<(String, u64)>)> {
-    let lake = work.join("lake");
+    let local_lake = work.join("lake");
     let state = work.join("state");
-    for dir in [&lake, &state] {
+    for dir in [&local_lake, &state] {
         if dir.exists() {
             std::fs::remove_dir_all(dir)
                 .with_context(|| format!("cannot clear {}", dir.display()))?;
         }
     }
+    let lake = match &args.lake {
+        Some(root) => format!(
+            "{}/bench-{}",
+            root.trim_end_matches('/'),
+            chrono::Utc::now().format("%Y%m%dT%H%M%S")
+        ),
+        None => local_lake.display().to_string(),
+    };
+    println!("lake: {lake}");
     let stack_args = stack::StackArgs {
         lake,
         state_dir: state,
@@ -128,11 +142,8 @@ async fn read_source(pipeline: &Pipeline, name: &str, base: &str) -> anyhow::Res
         let medallion_ingestor::sources::Location::Local(path) = &file.location else {
             anyhow::bail!("the in-process baseline reads local files only");
         };
-        let (mut rx, handle) = medallion_ingestor::sources::spawn_reader(
-            source.clone(),
-            path.clone(),
-            file.display(),
-        );
+        let (mut rx, handle) =
+            medallion_ingestor::sources::spawn_reader(source.clone(), path.clone(), file.display());
         while let Some(batch) = rx.recv().await {
             let batch = batch.map_err(anyhow::Error::msg)?;
             let full = schema

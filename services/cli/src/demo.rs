@@ -89,7 +89,12 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let (dir, sf) = (work.clone(), args.scale_factor);
     tokio::task::spawn_blocking(move || generate_tpch(&dir, sf, 1)).await??;
     let stack_args = stack::StackArgs {
-        lake: args.lake.clone().unwrap_or_else(|| work.join("lake")),
+        lake: args
+            .lake
+            .clone()
+            .unwrap_or_else(|| work.join("lake"))
+            .display()
+            .to_string(),
         state_dir: work.join("state"),
         base_port: args.base_port,
         warehouse: args.warehouse.clone(),

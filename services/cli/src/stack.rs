@@ -12,9 +12,10 @@ use tokio::process::{Child, Command};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct StackArgs {
-    /// Lake root folder.
+    /// Lake root: a folder, or `s3://bucket/prefix` (S3 settings and credentials come from the
+    /// environment the services inherit: MEDALLION_S3_*, AWS_*).
     #[arg(long, env = "MEDALLION_LAKE", default_value = "./.medallion/lake")]
-    pub lake: PathBuf,
+    pub lake: String,
     /// Coordinator state folder (pipelines, run history) and service logs.
     #[arg(
         long,
@@ -63,13 +64,16 @@ fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
 
 impl Stack {
     pub async fn start(args: &StackArgs) -> anyhow::Result<Stack> {
-        let lake = absolute(&args.lake)?;
+        let lake_s = if args.lake.starts_with("s3://") {
+            args.lake.clone()
+        } else {
+            absolute(Path::new(&args.lake))?.display().to_string()
+        };
         let state = absolute(&args.state_dir)?;
         let logs = absolute(&state.join("logs"))?;
         let port = |i: u16| args.base_port + i;
         let addr = |i: u16| format!("127.0.0.1:{}", port(i));
         let url = |i: u16| format!("http://127.0.0.1:{}", port(i));
-        let lake_s = lake.display().to_string();
         let services: Vec<(&str, Vec<String>)> = vec![
             (
                 "medallion-ingestor",
@@ -239,7 +243,7 @@ pub async fn up(args: StackArgs) -> anyhow::Result<()> {
     println!("  ingestor     {}   (bronze Flight)", stack.ingestor);
     println!("  refiner      {}   (silver Flight)", stack.refiner);
     println!("  aggregator   {}   (gold Flight)", stack.aggregator);
-    println!("  lake         {}", args.lake.display());
+    println!("  lake         {}", args.lake);
     println!("  logs         {}", stack.logs.display());
     println!("Press Ctrl-C to stop.");
     let exited = tokio::select! {

@@ -63,7 +63,10 @@ pub async fn fetch(
     while let Some(page) = next.take() {
         pages += 1;
         if pages > MAX_PAGES {
-            return Err(format!("{}: more than {MAX_PAGES} pages; is pagination looping?", base));
+            return Err(format!(
+                "{}: more than {MAX_PAGES} pages; is pagination looping?",
+                base
+            ));
         }
         let mut url = page.url.clone();
         {
@@ -90,7 +93,11 @@ pub async fn fetch(
             .ok_or_else(|| {
                 format!(
                     "{where_}: no records array at `{}`",
-                    if http.records.is_empty() { "(the response itself)" } else { &http.records }
+                    if http.records.is_empty() {
+                        "(the response itself)"
+                    } else {
+                        &http.records
+                    }
                 )
             })?;
         for (i, item) in items.iter().enumerate() {
@@ -115,7 +122,8 @@ pub async fn fetch(
         }
         records += items.len() as u64;
         report(pages, records);
-        next = page.next(&document, items.len() as u64, http.pagination.as_ref())
+        next = page
+            .next(&document, items.len() as u64, http.pagination.as_ref())
             .map_err(|e| format!("{where_}: {e}"))?;
     }
     out.flush().map_err(|e| e.to_string())?;
@@ -168,7 +176,9 @@ fn lookup<'a>(document: &'a Value, path: &str) -> Option<&'a Value> {
 }
 
 /// `${VAR}` in header values, from the ingestor's environment.
-fn resolve_headers(headers: &BTreeMap<String, String>) -> Result<reqwest::header::HeaderMap, String> {
+fn resolve_headers(
+    headers: &BTreeMap<String, String>,
+) -> Result<reqwest::header::HeaderMap, String> {
     let mut map = reqwest::header::HeaderMap::new();
     for (name, template) in headers {
         let mut value = String::new();
@@ -218,7 +228,11 @@ impl Page {
         page
     }
 
-    fn params_for(&self, p: Option<&PaginationSpec>, cursor: Option<String>) -> Vec<(String, String)> {
+    fn params_for(
+        &self,
+        p: Option<&PaginationSpec>,
+        cursor: Option<String>,
+    ) -> Vec<(String, String)> {
         let Some(p) = p else { return Vec::new() };
         let mut params = Vec::new();
         if let Some(param) = &p.page_param {
@@ -253,7 +267,12 @@ impl Page {
                         .url
                         .join(link)
                         .map_err(|e| format!("next link {link:?}: {e}"))?;
-                    Ok(Some(Page { url, params: Vec::new(), number: self.number + 1, offset: 0 }))
+                    Ok(Some(Page {
+                        url,
+                        params: Vec::new(),
+                        number: self.number + 1,
+                        offset: 0,
+                    }))
                 }
                 Some(other) => Err(format!("next link at `{path}` is not a string: {other}")),
             };
@@ -266,7 +285,12 @@ impl Page {
                 Some(Value::String(s)) => s.clone(),
                 Some(other) => other.to_string(),
             };
-            let mut page = Page { url: self.url.clone(), params: Vec::new(), number: self.number + 1, offset: 0 };
+            let mut page = Page {
+                url: self.url.clone(),
+                params: Vec::new(),
+                number: self.number + 1,
+                offset: 0,
+            };
             page.params = page.params_for(pagination, Some(cursor));
             return Ok(Some(page));
         }
@@ -356,7 +380,8 @@ async fn get(
         if attempt >= retries {
             return Err(format!("{failure} (after {attempt} retries)"));
         }
-        let backoff = retry_after.unwrap_or_else(|| jittered(FIRST_BACKOFF * 2u32.saturating_pow(attempt)));
+        let backoff =
+            retry_after.unwrap_or_else(|| jittered(FIRST_BACKOFF * 2u32.saturating_pow(attempt)));
         tracing::warn!(%url, attempt, wait_ms = backoff.as_millis() as u64, %failure, "retrying");
         tokio::time::sleep(backoff.min(MAX_BACKOFF)).await;
         attempt += 1;
@@ -365,7 +390,9 @@ async fn get(
 
 /// `base` plus up to half of it again, at random, so retrying clients spread out.
 fn jittered(base: Duration) -> Duration {
-    let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
     let fraction = (random % 1000) as f64 / 2000.0;
     base.mul_f64(1.0 + fraction)
 }
@@ -384,6 +411,9 @@ mod tests {
             &serde_json::json!("2024-02-01T00:00:00Z"),
             &serde_json::json!("2024-01-31T23:59:59Z")
         ));
-        assert_eq!(as_text(&serde_json::json!({"a": 1})), serde_json::json!("{\"a\":1}"));
+        assert_eq!(
+            as_text(&serde_json::json!({"a": 1})),
+            serde_json::json!("{\"a\":1}")
+        );
     }
 }

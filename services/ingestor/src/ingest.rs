@@ -71,9 +71,19 @@ impl Ingestor {
             .filter(|c| !c.files.is_empty() && !task.full_refresh);
         let since = appending.and_then(stored_cursor);
         progress.report(&format!("fetching {}", http.url), 0, 0, true);
-        let fetch = crate::http::fetch(&http, since.as_deref(), &self.spool_dir, |pages, records| {
-            progress.report(&format!("fetched {pages} pages of {}", http.url), records, 0, false)
-        });
+        let fetch = crate::http::fetch(
+            &http,
+            since.as_deref(),
+            &self.spool_dir,
+            |pages, records| {
+                progress.report(
+                    &format!("fetched {pages} pages of {}", http.url),
+                    records,
+                    0,
+                    false,
+                )
+            },
+        );
         let fetched = tokio::select! {
             r = fetch => r.map_err(|e| TaskError::Invalid(format!("source `{name}`: {e}")))?,
             _ = cancel.cancelled() => return Err(TaskError::Cancelled),
@@ -98,7 +108,11 @@ impl Ingestor {
                     .map(|f| f.name().clone())
                     .filter(|n| !LINEAGE.contains(&n.as_str()))
                     .collect();
-                let new: Vec<&String> = fetched.fields.iter().filter(|f| !known.contains(f)).collect();
+                let new: Vec<&String> = fetched
+                    .fields
+                    .iter()
+                    .filter(|f| !known.contains(f))
+                    .collect();
                 if !new.is_empty() {
                     return Err(TaskError::Invalid(format!(
                         "source `{name}`: {} returned fields {new:?} that bronze.{name} lacks (run with full refresh to take the new layout)",
@@ -145,7 +159,10 @@ impl Ingestor {
         if let Some(cursor) = &fetched.cursor {
             tags.insert(TAG_CURSOR.to_string(), cursor.clone());
         }
-        writer.finish_part(tags).await.map_err(TaskError::internal)?;
+        writer
+            .finish_part(tags)
+            .await
+            .map_err(TaskError::internal)?;
         progress.report("committing", rows, bytes, true);
         let mode = if appending.is_some() {
             WriteMode::Append
@@ -155,7 +172,9 @@ impl Ingestor {
         let mut commit = task.commit_spec(&task.table, mode);
         commit.metadata.insert("pages".into(), fetched.pages.into());
         if let Some(cursor) = &fetched.cursor {
-            commit.metadata.insert("cursor".into(), cursor.clone().into());
+            commit
+                .metadata
+                .insert("cursor".into(), cursor.clone().into());
         }
         let outcome = writer.commit(commit).await.map_err(TaskError::internal)?;
         let mut manifest = Manifest::after_commit(&self.lake, &task.table, &outcome).await?;
@@ -167,7 +186,12 @@ impl Ingestor {
 }
 
 /// The lineage columns bronze adds after the source's own.
-const LINEAGE: [&str; 4] = ["_source_file", "_source_modified", "_ingested_at", "_run_id"];
+const LINEAGE: [&str; 4] = [
+    "_source_file",
+    "_source_modified",
+    "_ingested_at",
+    "_run_id",
+];
 
 /// The incremental cursor committed last: the highest over the table's data files.
 fn stored_cursor(snapshot: &TableSnapshot) -> Option<String> {
@@ -319,13 +343,19 @@ impl TaskRunner for Ingestor {
                     return Err(TaskError::internal(format!("{url} is not a file source")));
                 }
                 Location::S3(object) => {
-                    progress.report(&format!("downloading {}", file.display()), rows, bytes, true);
-                    let spooled = tempfile::NamedTempFile::new_in(&self.spool_dir).map_err(|e| {
-                        TaskError::Invalid(format!(
-                            "spool folder {}: {e}",
-                            self.spool_dir.display()
-                        ))
-                    })?;
+                    progress.report(
+                        &format!("downloading {}", file.display()),
+                        rows,
+                        bytes,
+                        true,
+                    );
+                    let spooled =
+                        tempfile::NamedTempFile::new_in(&self.spool_dir).map_err(|e| {
+                            TaskError::Invalid(format!(
+                                "spool folder {}: {e}",
+                                self.spool_dir.display()
+                            ))
+                        })?;
                     let download = self.objects().await.download(object, spooled.path());
                     tokio::select! {
                         r = download => r.map_err(|e| TaskError::Invalid(e.to_string()))?,

@@ -202,16 +202,18 @@ pub fn spawn_ndjson_reader(
 ) {
     let (tx, rx) = mpsc::channel(4);
     let handle = tokio::task::spawn_blocking(move || {
-        let result = File::open(&path).map_err(|e| e.to_string()).and_then(|file| {
-            let reader = arrow::json::ReaderBuilder::new(schema)
-                .with_batch_size(BATCH_ROWS)
-                .build(BufReader::with_capacity(1 << 20, file))
-                .map_err(|e| e.to_string())?;
-            for batch in reader {
-                send(&tx, batch.map_err(|e| e.to_string())?)?;
-            }
-            Ok(())
-        });
+        let result = File::open(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|file| {
+                let reader = arrow::json::ReaderBuilder::new(schema)
+                    .with_batch_size(BATCH_ROWS)
+                    .build(BufReader::with_capacity(1 << 20, file))
+                    .map_err(|e| e.to_string())?;
+                for batch in reader {
+                    send(&tx, batch.map_err(|e| e.to_string())?)?;
+                }
+                Ok(())
+            });
         if let Err(e) = result {
             let _ = tx.blocking_send(Err(format!("{name}: {e}")));
         }

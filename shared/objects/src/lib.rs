@@ -217,9 +217,12 @@ impl ObjectStore {
                 ..Default::default()
             };
             let prefix = &url.key[..at];
-            self.list_prefix(&url.bucket, prefix, |key| {
-                pattern.matches_with(key, options)
-            }, &mut found)
+            self.list_prefix(
+                &url.bucket,
+                prefix,
+                |key| pattern.matches_with(key, options),
+                &mut found,
+            )
             .await?;
         } else {
             let folder = if url.key.is_empty() || url.key.ends_with('/') {
@@ -228,13 +231,18 @@ impl ObjectStore {
                 format!("{}/", url.key)
             };
             let exact = url.key.clone();
-            self.list_prefix(&url.bucket, &url.key, |key| {
-                key == exact
-                    || key.strip_prefix(folder.as_str()).is_some_and(|name| {
-                        let base = name.rsplit('/').next().unwrap_or(name);
-                        !base.is_empty() && !base.starts_with('.') && !base.starts_with('_')
-                    })
-            }, &mut found)
+            self.list_prefix(
+                &url.bucket,
+                &url.key,
+                |key| {
+                    key == exact
+                        || key.strip_prefix(folder.as_str()).is_some_and(|name| {
+                            let base = name.rsplit('/').next().unwrap_or(name);
+                            !base.is_empty() && !base.starts_with('.') && !base.starts_with('_')
+                        })
+                },
+                &mut found,
+            )
             .await?;
             // An exact object wins over objects that merely share its name as a prefix.
             if found.iter().any(|o| o.url.key == url.key) {
@@ -260,7 +268,8 @@ impl ObjectStore {
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| s3_error("list", &format!("s3://{bucket}/{prefix}"), bucket, e))?;
+            let page =
+                page.map_err(|e| s3_error("list", &format!("s3://{bucket}/{prefix}"), bucket, e))?;
             for object in page.contents() {
                 let Some(key) = object.key() else { continue };
                 if !keep(key) {
@@ -271,8 +280,15 @@ impl ObjectStore {
                         bucket: bucket.to_string(),
                         key: key.to_string(),
                     },
-                    size: object.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
-                    etag: object.e_tag().unwrap_or_default().trim_matches('"').to_string(),
+                    size: object
+                        .size()
+                        .and_then(|s| u64::try_from(s).ok())
+                        .unwrap_or(0),
+                    etag: object
+                        .e_tag()
+                        .unwrap_or_default()
+                        .trim_matches('"')
+                        .to_string(),
                     modified_us: object
                         .last_modified()
                         .and_then(|t| t.to_millis().ok())
@@ -316,7 +332,9 @@ impl ObjectStore {
                 url: url.clone(),
                 message: DisplayErrorContext(&e).to_string(),
             })?;
-            file.write_all(&chunk).await.map_err(|e| local("write", e))?;
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| local("write", e))?;
             written += chunk.len() as u64;
         }
         file.flush().await.map_err(|e| local("write", e))?;
@@ -489,10 +507,16 @@ mod tests {
     #[test]
     fn parses_s3_urls() {
         let url = S3Url::parse("s3://lake/raw/a.csv").unwrap();
-        assert_eq!((url.bucket.as_str(), url.key.as_str()), ("lake", "raw/a.csv"));
+        assert_eq!(
+            (url.bucket.as_str(), url.key.as_str()),
+            ("lake", "raw/a.csv")
+        );
         assert_eq!(S3Url::parse("s3://lake").unwrap().key, "");
         assert_eq!(url.to_string(), "s3://lake/raw/a.csv");
-        assert_eq!(S3Url::parse("s3://lake/raw").unwrap().join("x").key, "raw/x");
+        assert_eq!(
+            S3Url::parse("s3://lake/raw").unwrap().join("x").key,
+            "raw/x"
+        );
         assert!(S3Url::parse("s3:///key").is_err());
         assert!(S3Url::parse("/tmp/x").is_err());
     }

@@ -492,7 +492,10 @@ fn check_source_location(i: usize, source: &crate::SourceSpec) -> Result<(), Spe
     let at = |field: &str| format!("sources[{i}].{field}");
     let Some(http) = &source.http else {
         if source.format == crate::SourceFormat::HttpJson {
-            return Err(SpecError::new(at("http"), "an http-json source needs an `http` block"));
+            return Err(SpecError::new(
+                at("http"),
+                "an http-json source needs an `http` block",
+            ));
         }
         if source.path.trim().is_empty() {
             return Err(SpecError::new(at("path"), "a source needs a path"));
@@ -500,22 +503,40 @@ fn check_source_location(i: usize, source: &crate::SourceSpec) -> Result<(), Spe
         return Ok(());
     };
     if source.format != crate::SourceFormat::HttpJson {
-        return Err(SpecError::new(at("http"), "only `format: http-json` sources take an `http` block"));
+        return Err(SpecError::new(
+            at("http"),
+            "only `format: http-json` sources take an `http` block",
+        ));
     }
     if !source.path.is_empty() {
-        return Err(SpecError::new(at("path"), "an http-json source takes its address from `http.url`"));
+        return Err(SpecError::new(
+            at("path"),
+            "an http-json source takes its address from `http.url`",
+        ));
     }
     if !(http.url.starts_with("http://") || http.url.starts_with("https://")) {
-        return Err(SpecError::new(at("http.url"), "must be an http:// or https:// URL"));
+        return Err(SpecError::new(
+            at("http.url"),
+            "must be an http:// or https:// URL",
+        ));
     }
     if !matches!(http.method.to_ascii_uppercase().as_str(), "GET" | "POST") {
         return Err(SpecError::new(at("http.method"), "GET or POST"));
     }
-    if http.rate_limit_per_sec.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
-        return Err(SpecError::new(at("http.rate_limit_per_sec"), "must be above 0"));
+    if http
+        .rate_limit_per_sec
+        .is_some_and(|r| !(r > 0.0 && r.is_finite()))
+    {
+        return Err(SpecError::new(
+            at("http.rate_limit_per_sec"),
+            "must be above 0",
+        ));
     }
     if http.timeout_secs == 0 || http.timeout_secs > 3600 {
-        return Err(SpecError::new(at("http.timeout_secs"), "between 1 and 3600"));
+        return Err(SpecError::new(
+            at("http.timeout_secs"),
+            "between 1 and 3600",
+        ));
     }
     if http.retries > 20 {
         return Err(SpecError::new(at("http.retries"), "at most 20"));
@@ -534,13 +555,22 @@ fn check_source_location(i: usize, source: &crate::SourceSpec) -> Result<(), Spe
             ));
         }
         if p.offset_param.is_some() && p.limit.is_none() {
-            return Err(SpecError::new(at("http.pagination.limit"), "offset pagination needs a page size"));
+            return Err(SpecError::new(
+                at("http.pagination.limit"),
+                "offset pagination needs a page size",
+            ));
         }
         if p.cursor_param.is_some() && p.cursor_path.is_none() {
-            return Err(SpecError::new(at("http.pagination.cursor_path"), "cursor pagination needs the cursor's path in the response"));
+            return Err(SpecError::new(
+                at("http.pagination.cursor_path"),
+                "cursor pagination needs the cursor's path in the response",
+            ));
         }
         if p.limit.is_some() != p.limit_param.is_some() {
-            return Err(SpecError::new(at("http.pagination"), "give `limit` and `limit_param` together"));
+            return Err(SpecError::new(
+                at("http.pagination"),
+                "give `limit` and `limit_param` together",
+            ));
         }
     }
     Ok(())
@@ -549,10 +579,7 @@ fn check_source_location(i: usize, source: &crate::SourceSpec) -> Result<(), Spe
 /// Exactly one warehouse, each with the settings it needs to connect.
 fn check_warehouse(warehouse: &crate::WarehouseSpec) -> Result<(), SpecError> {
     match (&warehouse.postgres, &warehouse.redshift) {
-        (None, None) => Err(SpecError::new(
-            "warehouse",
-            "give `postgres` or `redshift`",
-        )),
+        (None, None) => Err(SpecError::new("warehouse", "give `postgres` or `redshift`")),
         (Some(_), Some(_)) => Err(SpecError::new(
             "warehouse",
             "give only one of `postgres` or `redshift`",

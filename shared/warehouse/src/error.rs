@@ -87,7 +87,10 @@ pub enum Error {
 
     /// Writing or uploading the staged Parquet files for a Redshift load failed.
     #[error("staging the rows for {table} failed: {detail}")]
-    Staging { table: QualifiedName, detail: String },
+    Staging {
+        table: QualifiedName,
+        detail: String,
+    },
 
     /// Redshift (or its Data API) refused a call or a statement; `message` is its own text.
     #[error("redshift load of {table} failed{}: {message}", if statement.is_empty() { String::new() } else { format!(" in `{statement}`") })]

@@ -228,7 +228,8 @@ impl RedshiftSink {
         let file = tempfile::NamedTempFile::new_in(&self.spool_dir)
             .map_err(|e| format!("spool folder {}: {e}", self.spool_dir.display()))?;
         let handle = file.reopen().map_err(|e| e.to_string())?;
-        let writer = ArrowWriter::try_new(handle, schema.clone(), None).map_err(|e| e.to_string())?;
+        let writer =
+            ArrowWriter::try_new(handle, schema.clone(), None).map_err(|e| e.to_string())?;
         Ok((file, writer))
     }
 
@@ -313,7 +314,10 @@ fn statements(
     if !keys.is_empty() {
         defs.push(format!(
             "PRIMARY KEY ({})",
-            keys.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ")
+            keys.iter()
+                .map(|k| quote_ident(k))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     let staging = quote_ident(&format!("medallion_staging_{load_id}"));
@@ -410,7 +414,9 @@ mod tests {
         let prefix = S3Url::parse("s3://stage/x/").unwrap();
         let sqls = statements(&table, &columns, &["k".into()], &prefix, "arn:role", "id1");
         assert_eq!(sqls.len(), 5);
-        assert!(sqls[1].contains("\"k\" BIGINT NOT NULL, \"v\" DECIMAL(18,2), PRIMARY KEY (\"k\")"));
+        assert!(
+            sqls[1].contains("\"k\" BIGINT NOT NULL, \"v\" DECIMAL(18,2), PRIMARY KEY (\"k\")")
+        );
         assert_eq!(
             sqls[3],
             "COPY \"medallion_staging_id1\" FROM 's3://stage/x/' IAM_ROLE 'arn:role' FORMAT AS PARQUET"

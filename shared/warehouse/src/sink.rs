@@ -229,7 +229,11 @@ pub(crate) fn plan_columns(target: &QualifiedName, schema: &SchemaRef) -> Result
 }
 
 /// Checks the merge keys name distinct columns of the schema.
-pub(crate) fn plan_keys(target: &QualifiedName, columns: &[PgColumn], keys: &[String]) -> Result<Vec<String>> {
+pub(crate) fn plan_keys(
+    target: &QualifiedName,
+    columns: &[PgColumn],
+    keys: &[String],
+) -> Result<Vec<String>> {
     let invalid = |detail: String| Error::InvalidKeys {
         table: target.clone(),
         detail,

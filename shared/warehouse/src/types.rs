@@ -50,8 +50,15 @@ pub(crate) fn redshift_type(data_type: &DataType) -> Option<String> {
         DataType::Float32 => "REAL",
         DataType::Float64 => "DOUBLE PRECISION",
         DataType::Date32 => "DATE",
-        DataType::Timestamp(TimeUnit::Second | TimeUnit::Millisecond | TimeUnit::Microsecond, tz) => {
-            if tz.is_some() { "TIMESTAMPTZ" } else { "TIMESTAMP" }
+        DataType::Timestamp(
+            TimeUnit::Second | TimeUnit::Millisecond | TimeUnit::Microsecond,
+            tz,
+        ) => {
+            if tz.is_some() {
+                "TIMESTAMPTZ"
+            } else {
+                "TIMESTAMP"
+            }
         }
         DataType::Decimal128(precision, scale)
             if (1..=DECIMAL128_MAX_PRECISION).contains(precision)

@@ -24,7 +24,10 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let listener = tokio::net::TcpListener::bind(&cli.listen).await?;
     let objects = medallion_objects::ObjectStore::connect(cli.s3).await;
-    eprintln!("redshift-data-local listening on {}", listener.local_addr()?);
+    eprintln!(
+        "redshift-data-local listening on {}",
+        listener.local_addr()?
+    );
     medallion_tests::redshift_data::serve(listener, cli.postgres, objects).await;
     Ok(())
 }
