@@ -27,11 +27,25 @@ pub struct S3Server {
 impl S3Server {
     /// Starts moto on a free port and waits until it answers.
     pub async fn start() -> anyhow::Result<S3Server> {
+        S3Server::spawn(None).await
+    }
+
+    /// Like [`S3Server::start`], but checking credentials (against moto's empty IAM, so every
+    /// key is unknown) once `free_requests` requests have been served, readiness probe included.
+    pub async fn start_checking_credentials_after(free_requests: u32) -> anyhow::Result<S3Server> {
+        S3Server::spawn(Some(free_requests)).await
+    }
+
+    async fn spawn(free_requests: Option<u32>) -> anyhow::Result<S3Server> {
         let python = std::env::var("MEDALLION_TEST_PYTHON").context(
             "MEDALLION_TEST_PYTHON is not set (tests/run.sh sets it after installing moto)",
         )?;
         let port = free_port();
-        let child = Command::new(python)
+        let mut command = Command::new(python);
+        if let Some(n) = free_requests {
+            command.env("INITIAL_NO_AUTH_ACTION_COUNT", n.to_string());
+        }
+        let child = command
             .args([
                 "-m",
                 "moto.server",

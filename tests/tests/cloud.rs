@@ -390,3 +390,41 @@ gold:
         .await
         .expect("drop schema");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_s3_credentials_fail_naming_the_object_and_commit_nothing() {
+    // Requests 1-3 (readiness probe, bucket, object) are served without checking; from then
+    // on credentials are checked, and the services' key is unknown to the server.
+    let s3 = S3Server::start_checking_credentials_after(3)
+        .await
+        .expect("S3 server");
+    s3.create_bucket("raw").await.expect("bucket");
+    s3.put("raw", "in/a.csv", b"id\n1\n".to_vec())
+        .await
+        .expect("put");
+    let cluster = Cluster::start_with(ClusterOptions {
+        env: s3.env(),
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("cluster");
+    cluster
+        .apply("name: denied\nsources:\n  - { name: a, format: csv, path: \"s3://raw/in/\" }\n")
+        .await
+        .expect("apply");
+    let (run, _) = cluster.run("denied", false).await.expect("run");
+    assert!(!succeeded(&run));
+    let error = &task(&run, "bronze.a").error;
+    assert!(
+        error.contains("s3://raw/in/") && error.contains("InvalidAccessKeyId"),
+        "{error}"
+    );
+    assert!(
+        !error.contains(medallion_tests::s3::SECRET_KEY),
+        "the secret key leaked into an error"
+    );
+    assert!(
+        !cluster.lake_dir().join("bronze/a/_delta_log").exists(),
+        "bronze.a was committed"
+    );
+}

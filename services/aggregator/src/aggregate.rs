@@ -188,12 +188,14 @@ impl Aggregator {
                     let staging = S3Url::parse(&redshift.staging).map_err(|e| {
                         TaskError::Invalid(format!("warehouse.redshift.staging: {e}"))
                     })?;
+                    // Blank settings count as absent (validation reads them the same way).
+                    let given = |v: Option<String>| v.filter(|v| !v.trim().is_empty());
                     let target = RedshiftTarget {
-                        cluster_id: redshift.cluster_id,
-                        workgroup: redshift.workgroup,
+                        cluster_id: given(redshift.cluster_id),
+                        workgroup: given(redshift.workgroup),
                         database: redshift.database,
-                        db_user: redshift.db_user,
-                        secret_arn: redshift.secret_arn,
+                        db_user: given(redshift.db_user),
+                        secret_arn: given(redshift.secret_arn),
                         iam_role: redshift.iam_role,
                         staging,
                     };

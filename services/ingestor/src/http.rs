@@ -2,7 +2,7 @@
 //! exponential backoff and jitter on 429, 5xx and lost connections, honouring Retry-After;
 //! a timeout per request), and spools the records as NDJSON on local disk, so memory stays
 //! bounded by one page. Every top-level field becomes a string column, as read (nested values
-//! as their JSON text), like CSV columns.
+//! as their JSON text), like CSV columns, in name order.
 //!
 //! Incremental: with `incremental`, the highest value of the field seen is returned, and the
 //! previous one is sent as a query parameter; the caller stores it in the bronze commit.
@@ -22,7 +22,7 @@ pub struct Fetched {
     pub spool: tempfile::NamedTempFile,
     pub records: u64,
     pub pages: u64,
-    /// Top-level fields in first-seen order.
+    /// Top-level fields of every record, sorted by name.
     pub fields: Vec<String>,
     /// The new high-water mark of the incremental field (the old one if nothing exceeded it).
     pub cursor: Option<String>,
@@ -44,8 +44,10 @@ pub async fn fetch(
     mut report: impl FnMut(u64, u64),
 ) -> Result<Fetched, String> {
     let headers = resolve_headers(&http.headers)?;
+    // No redirects: a redirect would carry the headers (secrets included) to another host.
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(http.timeout_secs))
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| format!("HTTP client: {e}"))?;
     let method = reqwest::Method::from_bytes(http.method.to_ascii_uppercase().as_bytes())
@@ -71,7 +73,13 @@ pub async fn fetch(
         let mut url = page.url.clone();
         {
             let mut query = url.query_pairs_mut();
-            if let (Some(inc), Some(since)) = (&http.incremental, since) {
+            // A next link carries its own query, the cursor parameter included.
+            let followed_link = pages > 1
+                && http
+                    .pagination
+                    .as_ref()
+                    .is_some_and(|p| p.next_link.is_some());
+            if let (Some(inc), Some(since), false) = (&http.incremental, since, followed_link) {
                 query.append_pair(&inc.param, since);
             }
             for (k, v) in &page.params {
@@ -125,9 +133,27 @@ pub async fn fetch(
         next = page
             .next(&document, items.len() as u64, http.pagination.as_ref())
             .map_err(|e| format!("{where_}: {e}"))?;
+        if let Some(following) = &next
+            && following.url == page.url
+            && following.params == page.params
+        {
+            return Err(format!(
+                "{where_}: the next page is this page again; pagination would never end"
+            ));
+        }
+        if let Some(following) = &next
+            && following.url.origin() != base.origin()
+        {
+            return Err(format!(
+                "{where_}: the next link leads to another site ({}); the source's headers are not sent there",
+                following.url.origin().ascii_serialization()
+            ));
+        }
     }
     out.flush().map_err(|e| e.to_string())?;
     drop(out);
+    // Columns in name order: JSON objects have no reliable field order.
+    fields.sort();
     Ok(Fetched {
         spool,
         records,

@@ -27,9 +27,17 @@ pub struct S3Options {
     /// Endpoint of an S3-compatible store (MinIO and friends), e.g. http://127.0.0.1:9000.
     #[arg(long = "s3-endpoint", env = "MEDALLION_S3_ENDPOINT")]
     pub endpoint: Option<String>,
-    /// Path-style addressing (`endpoint/bucket/key`), which most S3-compatible stores need.
+    /// Path-style addressing (`endpoint/bucket/key`) on AWS S3; always used with --s3-endpoint.
     #[arg(long = "s3-path-style", env = "MEDALLION_S3_PATH_STYLE")]
     pub path_style: bool,
+}
+
+impl S3Options {
+    /// A custom endpoint is addressed path-style by both the SDK and delta-rs: delta-rs' S3
+    /// backend would otherwise take the endpoint itself as the bucket's address.
+    fn path_style_addressing(&self) -> bool {
+        self.path_style || self.endpoint.is_some()
+    }
 }
 
 /// Errors of object work; each names the object or prefix involved.
@@ -41,6 +49,8 @@ pub enum Error {
     InvalidGlob { url: String, reason: String },
     #[error("bucket `{bucket}` does not exist")]
     NoSuchBucket { bucket: String },
+    #[error("no objects at {url}")]
+    NotFound { url: String },
     #[error("{op} {url}: {message}")]
     S3 {
         op: &'static str,
@@ -154,7 +164,7 @@ impl ObjectStore {
             .map_or_else(|| "us-east-1".to_string(), |r| r.to_string());
         let mut config = aws_sdk_s3::config::Builder::from(&sdk)
             .region(aws_config::Region::new(region.clone()))
-            .force_path_style(options.path_style);
+            .force_path_style(options.path_style_addressing());
         if let Some(endpoint) = &options.endpoint {
             config = config.endpoint_url(endpoint.clone());
         }
@@ -188,7 +198,7 @@ impl ObjectStore {
         }
         options.insert(
             "AWS_VIRTUAL_HOSTED_STYLE_REQUEST".into(),
-            (!self.options.path_style).to_string(),
+            (!self.options.path_style_addressing()).to_string(),
         );
         options
     }
@@ -199,10 +209,13 @@ impl ObjectStore {
     }
 
     /// Lists the objects a source location names, sorted by key, page by page:
-    /// - a glob (`s3://b/raw/*.csv`): objects whose whole key matches it;
+    /// - a glob (`s3://b/raw/*.csv`): objects whose whole key matches it (`*` does not cross `/`);
     /// - an object key: that object;
-    /// - a prefix (`s3://b/raw/` or `s3://b/raw`): every object under it, except names
-    ///   starting with `.` or `_` (markers such as `_SUCCESS`).
+    /// - a prefix (`s3://b/raw/` or `s3://b/raw`): the objects directly under it, not in
+    ///   sub-folders, except names starting with `.` or `_` (markers such as `_SUCCESS`).
+    ///
+    /// Folder markers (zero-byte keys ending in `/`) are never listed. A location that names
+    /// no object is an error, as a missing local path is.
     pub async fn list(&self, location: &str) -> Result<Vec<ObjectInfo>> {
         let url = S3Url::parse(location)?;
         let wildcard = url.key.find(['*', '?', '[']);
@@ -220,59 +233,71 @@ impl ObjectStore {
             self.list_prefix(
                 &url.bucket,
                 prefix,
+                false,
                 |key| pattern.matches_with(key, options),
                 &mut found,
             )
             .await?;
         } else {
-            let folder = if url.key.is_empty() || url.key.ends_with('/') {
-                url.key.clone()
-            } else {
-                format!("{}/", url.key)
-            };
-            let exact = url.key.clone();
-            self.list_prefix(
-                &url.bucket,
-                &url.key,
-                |key| {
-                    key == exact
-                        || key.strip_prefix(folder.as_str()).is_some_and(|name| {
-                            let base = name.rsplit('/').next().unwrap_or(name);
-                            !base.is_empty() && !base.starts_with('.') && !base.starts_with('_')
-                        })
-                },
-                &mut found,
-            )
-            .await?;
-            // An exact object wins over objects that merely share its name as a prefix.
-            if found.iter().any(|o| o.url.key == url.key) {
-                found.retain(|o| o.url.key == url.key);
+            if !url.key.is_empty() && !url.key.ends_with('/') {
+                // An object of exactly this key?
+                self.list_prefix(
+                    &url.bucket,
+                    &url.key,
+                    true,
+                    |key| key == url.key,
+                    &mut found,
+                )
+                .await?;
             }
+            if found.is_empty() {
+                let folder = if url.key.is_empty() || url.key.ends_with('/') {
+                    url.key.clone()
+                } else {
+                    format!("{}/", url.key)
+                };
+                let visible = |key: &str| {
+                    key.strip_prefix(folder.as_str()).is_some_and(|name| {
+                        !name.is_empty()
+                            && !name.contains('/')
+                            && !name.starts_with('.')
+                            && !name.starts_with('_')
+                    })
+                };
+                self.list_prefix(&url.bucket, &folder, true, visible, &mut found)
+                    .await?;
+            }
+        }
+        if found.is_empty() {
+            return Err(Error::NotFound {
+                url: location.to_string(),
+            });
         }
         found.sort_by(|a, b| a.url.key.cmp(&b.url.key));
         Ok(found)
     }
 
+    /// Every object under `prefix` that `keep` accepts; with `direct_only`, listed with the
+    /// `/` delimiter so objects in sub-folders are not even fetched.
     async fn list_prefix(
         &self,
         bucket: &str,
         prefix: &str,
+        direct_only: bool,
         keep: impl Fn(&str) -> bool,
         found: &mut Vec<ObjectInfo>,
     ) -> Result<()> {
-        let mut pages = self
-            .client
-            .list_objects_v2()
-            .bucket(bucket)
-            .prefix(prefix)
-            .into_paginator()
-            .send();
+        let mut request = self.client.list_objects_v2().bucket(bucket).prefix(prefix);
+        if direct_only {
+            request = request.delimiter("/");
+        }
+        let mut pages = request.into_paginator().send();
         while let Some(page) = pages.next().await {
             let page =
                 page.map_err(|e| s3_error("list", &format!("s3://{bucket}/{prefix}"), bucket, e))?;
             for object in page.contents() {
                 let Some(key) = object.key() else { continue };
-                if !keep(key) {
+                if key.ends_with('/') || !keep(key) {
                     continue;
                 }
                 found.push(ObjectInfo {
@@ -444,7 +469,7 @@ impl ObjectStore {
     /// Deletes every object under `prefix`; returns how many were deleted.
     pub async fn delete_prefix(&self, prefix: &S3Url) -> Result<usize> {
         let mut found = Vec::new();
-        self.list_prefix(&prefix.bucket, &prefix.key, |_| true, &mut found)
+        self.list_prefix(&prefix.bucket, &prefix.key, false, |_| true, &mut found)
             .await?;
         let target = prefix.to_string();
         for chunk in found.chunks(1000) {
@@ -461,13 +486,30 @@ impl ObjectStore {
                     url: target.clone(),
                     message: e.to_string(),
                 })?;
-            self.client
+            let output = self
+                .client
                 .delete_objects()
                 .bucket(&prefix.bucket)
                 .delete(delete)
                 .send()
                 .await
                 .map_err(|e| s3_error("delete", &target, &prefix.bucket, e))?;
+            if let Some(failed) = output.errors().first() {
+                return Err(Error::S3 {
+                    op: "delete",
+                    url: format!(
+                        "s3://{}/{}",
+                        prefix.bucket,
+                        failed.key().unwrap_or_default()
+                    ),
+                    message: format!(
+                        "{}: {} ({} keys not deleted)",
+                        failed.code().unwrap_or("error"),
+                        failed.message().unwrap_or("no message"),
+                        output.errors().len()
+                    ),
+                });
+            }
         }
         Ok(found.len())
     }

@@ -162,3 +162,73 @@ fn row_local_expressions_are_told_apart() {
         assert!(!crate::is_row_local(expr), "{expr} is not row-local");
     }
 }
+
+const HTTP: &str = r#"
+name: api
+sources:
+  - name: tickets
+    format: http-json
+    http:
+      url: https://api.example.com/tickets
+      records: data
+      pagination: { cursor_param: after, cursor_path: meta.next }
+      incremental: { field: updated_at, param: since }
+"#;
+
+#[test]
+fn http_sources_are_checked_with_their_field_paths() {
+    let p = Pipeline::parse(HTTP).expect("valid http source");
+    let http = p.spec.sources[0].http.as_ref().expect("http block");
+    assert_eq!(
+        (http.method.as_str(), http.retries, http.timeout_secs),
+        ("GET", 5, 30)
+    );
+    let e = err(&HTTP.replace("    http:\n", "    path: x\n    http:\n"));
+    assert_eq!(e.path, "sources[0].path");
+    let e = err(&HTTP.replace("https://api", "ftp://api"));
+    assert_eq!(e.path, "sources[0].http.url");
+    let e = err(&HTTP.replace(
+        "cursor_param: after, cursor_path: meta.next",
+        "page_param: p, next_link: next",
+    ));
+    assert_eq!(e.path, "sources[0].http.pagination");
+    let e = err(&HTTP.replace("cursor_path: meta.next", "cursor_path: \"\""));
+    assert_eq!(e.path, "sources[0].http.pagination");
+    let e = err(&HTTP.replace(
+        "records: data",
+        "records: data\n      rate_limit_per_sec: 0",
+    ));
+    assert_eq!(e.path, "sources[0].http.rate_limit_per_sec");
+    let e = err("name: a\nsources:\n  - { name: t, format: http-json }\n");
+    assert_eq!(e.path, "sources[0].http");
+    let e = err(
+        "name: a\nsources:\n  - { name: t, format: csv, path: x, http: { url: \"https://x\" } }\n",
+    );
+    assert_eq!(e.path, "sources[0].http");
+}
+
+#[test]
+fn redshift_warehouses_need_a_target_and_an_s3_staging_prefix() {
+    let with = |redshift: &str| {
+        format!(
+            "{BASE}warehouse:\n  redshift: {{ database: dev, iam_role: arn:aws:iam::1:role/r, {redshift} }}\n"
+        )
+    };
+    let ok = Pipeline::parse(&with("cluster_id: c, db_user: u, staging: \"s3://b/p/\""));
+    assert!(ok.is_ok(), "{:?}", ok.err());
+    assert!(Pipeline::parse(&with("workgroup: wg, staging: \"s3://b/p/\"")).is_ok());
+    let e = err(&with(
+        "cluster_id: c, workgroup: w, db_user: u, staging: \"s3://b/p/\"",
+    ));
+    assert_eq!(e.path, "warehouse.redshift");
+    let e = err(&with("cluster_id: c, staging: \"s3://b/p/\""));
+    assert!(e.message.contains("db_user"), "{e}");
+    let e = err(&with("workgroup: wg, db_user: u, staging: \"s3://b/p/\""));
+    assert_eq!(e.path, "warehouse.redshift.db_user");
+    let e = err(&with("cluster_id: c, db_user: u, staging: /tmp/x"));
+    assert_eq!(e.path, "warehouse.redshift.staging");
+    let e = err(&format!(
+        "{BASE}warehouse:\n  postgres: {{ url: \"postgres://x\" }}\n  redshift: {{ database: dev, iam_role: r, cluster_id: c, db_user: u, staging: \"s3://b/\" }}\n"
+    ));
+    assert_eq!(e.path, "warehouse");
+}

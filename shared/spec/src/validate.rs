@@ -525,11 +525,11 @@ fn check_source_location(i: usize, source: &crate::SourceSpec) -> Result<(), Spe
     }
     if http
         .rate_limit_per_sec
-        .is_some_and(|r| !(r > 0.0 && r.is_finite()))
+        .is_some_and(|r| !(0.001..=10_000.0).contains(&r))
     {
         return Err(SpecError::new(
             at("http.rate_limit_per_sec"),
-            "must be above 0",
+            "between 0.001 and 10000",
         ));
     }
     if http.timeout_secs == 0 || http.timeout_secs > 3600 {
@@ -558,6 +558,13 @@ fn check_source_location(i: usize, source: &crate::SourceSpec) -> Result<(), Spe
             return Err(SpecError::new(
                 at("http.pagination.limit"),
                 "offset pagination needs a page size",
+            ));
+        }
+        let blank = |v: &Option<String>| v.as_deref().is_some_and(|v| v.trim().is_empty());
+        if blank(&p.next_link) || blank(&p.cursor_path) {
+            return Err(SpecError::new(
+                at("http.pagination"),
+                "`next_link` and `cursor_path` must name a field of the response",
             ));
         }
         if p.cursor_param.is_some() && p.cursor_path.is_none() {
@@ -601,6 +608,12 @@ fn check_warehouse(warehouse: &crate::WarehouseSpec) -> Result<(), SpecError> {
                 return Err(SpecError::new(
                     "warehouse.redshift",
                     "a provisioned cluster needs `db_user` or `secret_arn`",
+                ));
+            }
+            if !blank(&rs.workgroup) && !blank(&rs.db_user) {
+                return Err(SpecError::new(
+                    "warehouse.redshift.db_user",
+                    "Serverless (`workgroup`) takes `secret_arn` or the caller's IAM identity, not `db_user`",
                 ));
             }
             if !blank(&rs.db_user) && !blank(&rs.secret_arn) {

@@ -58,6 +58,8 @@ pub struct RedshiftSink {
 /// First and longest wait between two `DescribeStatement` polls.
 const POLL_FIRST: Duration = Duration::from_millis(100);
 const POLL_MAX: Duration = Duration::from_secs(5);
+/// Consecutive failed polls tolerated.
+const POLL_RETRIES: u32 = 5;
 
 impl RedshiftSink {
     /// Builds the Data API client from aws-config's chain, in `objects`' region;
@@ -114,10 +116,16 @@ impl RedshiftSink {
         };
 
         let load_id = uuid::Uuid::new_v4().simple().to_string();
-        let prefix = self
+        let table_prefix = self
             .target
             .staging
-            .join(&format!("{}.{}/{load_id}/", table.schema, table.table));
+            .join(&format!("{}.{}/", table.schema, table.table));
+        // Files of an earlier load of this table that was interrupted (its process killed
+        // mid-load) are removed first; one load per table runs at a time.
+        if let Err(error) = self.objects.delete_prefix(&table_prefix).await {
+            tracing::warn!(prefix = %table_prefix, %error, "could not remove stale staged files");
+        }
+        let prefix = table_prefix.join(&format!("{load_id}/"));
         let result = async {
             let rows = self.stage(table, schema, batches, &prefix).await?;
             let sqls = statements(
@@ -251,16 +259,22 @@ impl RedshiftSink {
             .map_err(|e| redshift_error(table, "BatchExecuteStatement", e))?;
         let id = submitted.id().unwrap_or_default().to_string();
         let mut wait = POLL_FIRST;
+        let mut poll_failures = 0;
         loop {
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(POLL_MAX);
-            let status = self
-                .client
-                .describe_statement()
-                .id(&id)
-                .send()
-                .await
-                .map_err(|e| redshift_error(table, "DescribeStatement", e))?;
+            // A failed poll says nothing about the statement: ask again a few times before
+            // giving up (the retried task then reloads; replace and merge are idempotent).
+            let status = match self.client.describe_statement().id(&id).send().await {
+                Ok(status) => status,
+                Err(e) if poll_failures < POLL_RETRIES => {
+                    poll_failures += 1;
+                    tracing::warn!(%table, statement = %id, error = %DisplayErrorContext(&e), "DescribeStatement failed; polling again");
+                    continue;
+                }
+                Err(e) => return Err(redshift_error(table, "DescribeStatement", e)),
+            };
+            poll_failures = 0;
             match status.status() {
                 Some(StatusString::Finished) => {
                     return Ok(status
@@ -329,10 +343,17 @@ fn statements(
     let mut sqls = vec![
         format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(&table.schema)),
         format!("CREATE TABLE IF NOT EXISTS {table} ({})", defs.join(", ")),
-        format!("CREATE TEMP TABLE {staging} (LIKE {table})"),
+        // The staging table has the input's columns in the input's order: COPY from Parquet
+        // fills columns by position, and the target may order its columns differently.
         format!(
-            // No column list: Redshift takes none for Parquet; the staging table is LIKE the
-            // target, whose columns match the file's.
+            "CREATE TEMP TABLE {staging} ({})",
+            columns
+                .iter()
+                .map(|(name, ty, _)| format!("{} {ty}", quote_ident(name)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        format!(
             "COPY {staging} FROM {} IAM_ROLE {} FORMAT AS PARQUET",
             quote_literal(&prefix.to_string()),
             quote_literal(iam_role)
@@ -359,11 +380,31 @@ fn statements(
             .map(|(name, ..)| format!("{staging}.{}", quote_ident(name)))
             .collect::<Vec<_>>()
             .join(", ");
-        let matched = if updates.is_empty() {
-            String::new()
+        // Redshift's MERGE needs both clauses; with only key columns, "update" a key to itself.
+        let updates = if updates.is_empty() {
+            vec![format!("{k} = {staging}.{k}", k = quote_ident(&keys[0]))]
         } else {
-            format!(" WHEN MATCHED THEN UPDATE SET {}", updates.join(", "))
+            updates
         };
+        let matched = format!(" WHEN MATCHED THEN UPDATE SET {}", updates.join(", "));
+        // Redshift does not enforce primary keys: fail the batch (and so the transaction) when
+        // the input repeats a key or has a null key, as PostgreSQL's key would. The CAST of a
+        // non-number fails only for a returned row; its text is the error message.
+        let key_list = keys
+            .iter()
+            .map(|k| quote_ident(k))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let null_key = keys
+            .iter()
+            .map(|k| format!("{} IS NULL", quote_ident(k)))
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        sqls.push(format!(
+            "SELECT CAST(CASE WHEN n > 1 THEN 'medallion: the input repeats a merge key' \
+             ELSE 'medallion: the input has a null merge key' END AS INTEGER) \
+             FROM (SELECT COUNT(*) AS n FROM {staging} GROUP BY {key_list} HAVING COUNT(*) > 1 OR {null_key}) AS bad"
+        ));
         sqls.push(format!(
             "MERGE INTO {table} USING {staging} ON {on}{matched} WHEN NOT MATCHED THEN INSERT ({column_list}) VALUES ({values})"
         ));
@@ -413,7 +454,7 @@ mod tests {
         ];
         let prefix = S3Url::parse("s3://stage/x/").unwrap();
         let sqls = statements(&table, &columns, &["k".into()], &prefix, "arn:role", "id1");
-        assert_eq!(sqls.len(), 5);
+        assert_eq!(sqls.len(), 6);
         assert!(
             sqls[1].contains("\"k\" BIGINT NOT NULL, \"v\" DECIMAL(18,2), PRIMARY KEY (\"k\")")
         );
@@ -421,6 +462,7 @@ mod tests {
             sqls[3],
             "COPY \"medallion_staging_id1\" FROM 's3://stage/x/' IAM_ROLE 'arn:role' FORMAT AS PARQUET"
         );
-        assert!(sqls[4].starts_with("MERGE INTO \"mart\".\"revenue\" USING \"medallion_staging_id1\" ON \"mart\".\"revenue\".\"k\" = \"medallion_staging_id1\".\"k\" WHEN MATCHED THEN UPDATE SET \"v\" = \"medallion_staging_id1\".\"v\""));
+        assert!(sqls[4].contains("GROUP BY \"k\" HAVING COUNT(*) > 1 OR \"k\" IS NULL"));
+        assert!(sqls[5].starts_with("MERGE INTO \"mart\".\"revenue\" USING \"medallion_staging_id1\" ON \"mart\".\"revenue\".\"k\" = \"medallion_staging_id1\".\"k\" WHEN MATCHED THEN UPDATE SET \"v\" = \"medallion_staging_id1\".\"v\""));
     }
 }
