@@ -428,3 +428,25 @@ async fn wrong_s3_credentials_fail_naming_the_object_and_commit_nothing() {
         "bronze.a was committed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_refuses_to_start_on_a_lake_in_a_missing_bucket() {
+    let s3 = S3Server::start().await.expect("S3 server");
+    let output =
+        tokio::process::Command::new(medallion_tests::bin_dir().join("medallion-ingestor"))
+            .args(["--listen", "127.0.0.1:0", "--lake", "s3://no-such-lake/x"])
+            .envs(s3.env())
+            .kill_on_drop(true)
+            .output();
+    let output = tokio::time::timeout(std::time::Duration::from_secs(60), output)
+        .await
+        .expect("the ingestor should exit, not serve")
+        .expect("run the ingestor");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("s3://no-such-lake/x")
+            && stderr.contains("bucket `no-such-lake` does not exist"),
+        "{stderr}"
+    );
+}

@@ -67,10 +67,22 @@ impl Lake {
     }
 
     /// Opens a lake at `root` with storage options from the shared S3 settings when the root
-    /// is on S3 (`s3://bucket/prefix`), so the lake and the services' own S3 calls agree.
+    /// is on S3 (`s3://bucket/prefix`), so the lake and the services' own S3 calls agree. An S3
+    /// lake's bucket must exist and be reachable with the credentials at hand.
     pub async fn connect(root: &str, s3: &medallion_objects::S3Options) -> Result<Lake> {
         if medallion_objects::S3Url::is_s3(root) {
+            let url = medallion_objects::S3Url::parse(root).map_err(|e| Error::InvalidRoot {
+                root: root.to_string(),
+                reason: e.to_string(),
+            })?;
             let store = medallion_objects::ObjectStore::connect(s3.clone()).await;
+            store
+                .check_bucket(&url.bucket)
+                .await
+                .map_err(|e| Error::InvalidRoot {
+                    root: root.to_string(),
+                    reason: e.to_string(),
+                })?;
             return Lake::open(root, store.delta_storage_options());
         }
         Lake::open(root, HashMap::new())

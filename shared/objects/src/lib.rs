@@ -324,6 +324,21 @@ impl ObjectStore {
         Ok(())
     }
 
+    /// Checks that `bucket` exists and these credentials may use it, so a misconfigured lake
+    /// fails at start with S3's own reason instead of on the first task.
+    pub async fn check_bucket(&self, bucket: &str) -> Result<()> {
+        match self.client.head_bucket().bucket(bucket).send().await {
+            Ok(_) => Ok(()),
+            // HEAD responses carry no body: a 404 is the only word on a missing bucket.
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => {
+                Err(Error::NoSuchBucket {
+                    bucket: bucket.to_string(),
+                })
+            }
+            Err(e) => Err(s3_error("check", &format!("s3://{bucket}"), bucket, e)),
+        }
+    }
+
     /// Streams `object` into the local file `path`, chunk by chunk, so memory stays bounded
     /// whatever its size. The read is pinned to the listed ETag: an object rewritten since it
     /// was listed fails instead of mixing two versions.
