@@ -4,6 +4,7 @@
 //! data files they became), so the next run ingests only new or changed files; an HTTP API
 //! source's incremental cursor is kept the same way. Serves bronze over Arrow Flight.
 
+pub mod debezium;
 pub mod http;
 pub mod ingest;
 pub mod sources;
