@@ -2,7 +2,8 @@
 # Runs every Medallion test: each crate's unit tests and the cross-service tests, which start
 # the real service binaries on loopback ports against a local PostgreSQL and Python clients.
 # Needs: the Rust toolchain of rust-toolchain.toml, PostgreSQL on 127.0.0.1:5432 (started here
-# if it is installed but stopped), python3 with venv (the client packages are installed here).
+# if it is installed but stopped), python3 with venv (the client packages are installed here),
+# apt (cmake and libcurl headers for the Kafka client) and crates.io (the tansu broker).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,22 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt
 export MEDALLION_TEST_PYTHON="$venv/bin/python"
+
+# Build tools of the Kafka client (librdkafka is compiled from source by rdkafka's cmake-build).
+if ! command -v cmake >/dev/null || ! [ -e /usr/include/x86_64-linux-gnu/curl/curl.h ] && ! [ -e /usr/include/curl/curl.h ]; then
+  echo "installing cmake and libcurl headers"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q cmake libcurl4-openssl-dev >/dev/null
+fi
+
+# The Kafka-compatible broker of the CDC tests (tansu, SQLite storage), built once into a
+# folder that outlives the clone (about 20 minutes on two cores the first time).
+tools=${MEDALLION_TOOLS_DIR:-/var/tmp/medallion-tools}
+if [ ! -x "$tools/bin/tansu" ]; then
+  echo "installing tansu into $tools (once)"
+  cargo install tansu --version 0.6.0 --features dynostore,libsql --locked --root "$tools" \
+    --target-dir "$tools/build" --quiet
+fi
+export MEDALLION_TANSU="$tools/bin/tansu"
 
 # The Helm chart: lint, render, schema validation and policy scan, offline.
 bash helm/check.sh

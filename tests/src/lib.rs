@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod certs;
+pub mod kafka;
 pub mod otlp;
 pub mod redshift_data;
 pub mod reference;

@@ -274,6 +274,7 @@ fn commit_spec(mode: WriteMode, app_id: &str) -> CommitSpec {
         app_id: app_id.to_string(),
         txn_version: 1,
         metadata: Default::default(),
+        more_transactions: Vec::new(),
     }
 }
 

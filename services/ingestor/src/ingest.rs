@@ -289,6 +289,10 @@ impl TaskRunner for Ingestor {
         if source.format == SourceFormat::HttpJson {
             return self.run_http(task, source, progress, cancel).await;
         }
+        if let Some(kafka) = &source.kafka {
+            return crate::kafka::run(&self.lake, &task, &source.name, kafka, &progress, &cancel)
+                .await;
+        }
         let name = source.name.clone();
         progress.report("listing files", 0, 0, true);
         let listed = if S3Url::is_s3(&source.path) {

@@ -7,6 +7,7 @@
 pub mod debezium;
 pub mod http;
 pub mod ingest;
+pub mod kafka;
 pub mod sources;
 
 use medallion_lake::Lake;

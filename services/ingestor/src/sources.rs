@@ -186,7 +186,9 @@ fn read_file(source: &SourceSpec, path: &Path, tx: &Sender) -> Result<(), String
         SourceFormat::Ndjson => read_ndjson(BufReader::new(file), tx),
         SourceFormat::Json => read_json_array(file, tx),
         SourceFormat::Parquet => read_parquet(file, tx),
-        SourceFormat::HttpJson => Err("http-json sources are fetched, not read from files".into()),
+        SourceFormat::HttpJson | SourceFormat::KafkaDebezium => {
+            Err("http-json and kafka-debezium sources are not read from files".into())
+        }
     }
 }
 

@@ -27,6 +27,7 @@ fn spec(mode: WriteMode, app_id: &str, txn_version: i64) -> CommitSpec {
         app_id: app_id.into(),
         txn_version,
         metadata,
+        more_transactions: Vec::new(),
     }
 }
 

@@ -40,6 +40,10 @@ pub struct CommitSpec {
     pub txn_version: i64,
     /// Extra fields for the commitInfo action (e.g. `run_id`, `pipeline`).
     pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// Further application transactions recorded in the same commit (e.g. the last offset of
+    /// each Kafka partition the rows came from). Two commits carrying the same app id conflict,
+    /// so at most one of them lands.
+    pub more_transactions: Vec<(String, i64)>,
 }
 
 /// The result of [`TableWriter::commit`].
@@ -189,13 +193,19 @@ impl TableWriter {
             .await
             .map_err(ctx.delta("check table exists"))?;
 
-        let properties = CommitProperties::default()
+        let now = Some(chrono::Utc::now().timestamp_millis());
+        let mut properties = CommitProperties::default()
             .with_metadata(spec.metadata.clone())
             .with_application_transaction(Transaction::new_with_last_update(
                 &spec.app_id,
                 spec.txn_version,
-                Some(chrono::Utc::now().timestamp_millis()),
+                now,
             ));
+        for (app_id, version) in &spec.more_transactions {
+            properties = properties.with_application_transaction(
+                Transaction::new_with_last_update(app_id, *version, now),
+            );
+        }
         let data: Vec<Action> = self.adds.iter().cloned().map(Action::Add).collect();
 
         let mut created = None;

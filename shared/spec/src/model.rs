@@ -120,6 +120,47 @@ pub enum SourceFormat {
     /// Records from an HTTP JSON API, page by page (settings in the source's `http` block).
     #[serde(rename = "http-json")]
     HttpJson,
+    /// Debezium change events from Kafka topics (settings in the source's `kafka` block).
+    #[serde(rename = "kafka-debezium")]
+    KafkaDebezium,
+}
+
+/// A Kafka source of Debezium change events. Each bronze task reads what the topics hold
+/// beyond the offsets bronze has committed, and commits the rows with those offsets (one Delta
+/// application transaction per topic-partition), so every message lands exactly once.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSourceSpec {
+    /// Bootstrap servers, `host:port[,host:port…]`.
+    pub brokers: String,
+    pub topics: Vec<String>,
+    /// Consumer group id reported to Kafka; offsets themselves live in bronze.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// librdkafka settings passed through (TLS, SASL, …); `${VAR}` in a value is read from the
+    /// ingestor's environment.
+    #[serde(default)]
+    pub settings: BTreeMap<String, String>,
+    /// Row key columns from the after (or before) image; default: the message key.
+    #[serde(default)]
+    pub key_columns: Vec<String>,
+    /// A field of the `source` block (dotted path) that orders changes; default: the
+    /// connector's position (Postgres lsn, MySQL binlog file/pos/row, SQL Server change_lsn).
+    #[serde(default)]
+    pub sequence_field: Option<String>,
+    /// Rows per bronze commit.
+    #[serde(default = "default_kafka_batch_rows")]
+    pub max_batch_rows: usize,
+    /// A task ends once no message arrived for this long (it has caught up).
+    #[serde(default = "default_kafka_idle_ms")]
+    pub idle_ms: u64,
+}
+
+fn default_kafka_batch_rows() -> usize {
+    100_000
+}
+fn default_kafka_idle_ms() -> u64 {
+    1_000
 }
 
 /// An HTTP JSON API source: where to ask, how to page, how to be polite, and what to remember.
@@ -216,6 +257,9 @@ pub struct SourceSpec {
     /// The API of an `http-json` source.
     #[serde(default)]
     pub http: Option<HttpSourceSpec>,
+    /// The topics of a `kafka-debezium` source.
+    #[serde(default)]
+    pub kafka: Option<KafkaSourceSpec>,
     #[serde(default)]
     pub options: CsvOptions,
     /// Infer column types from the data instead of keeping CSV columns as strings.

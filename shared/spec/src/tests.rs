@@ -232,3 +232,22 @@ fn redshift_warehouses_need_a_target_and_an_s3_staging_prefix() {
     ));
     assert_eq!(e.path, "warehouse");
 }
+
+#[test]
+fn kafka_sources_need_brokers_and_topics() {
+    let yaml = |kafka: &str| {
+        format!(
+            "name: cdc\nsources:\n  - name: c\n    format: kafka-debezium\n    kafka: {kafka}\n"
+        )
+    };
+    let ok = Pipeline::parse(&yaml("{ brokers: \"127.0.0.1:9092\", topics: [a.b.c] }"))
+        .expect("valid kafka source");
+    let kafka = ok.spec.sources[0].kafka.as_ref().expect("kafka block");
+    assert_eq!((kafka.max_batch_rows, kafka.idle_ms), (100_000, 1_000));
+    let e = err(&yaml("{ brokers: \"127.0.0.1:9092\", topics: [] }"));
+    assert_eq!(e.path, "sources[0].kafka.topics");
+    let e = err(&yaml("{ brokers: \" \", topics: [t] }"));
+    assert_eq!(e.path, "sources[0].kafka.brokers");
+    let e = err("name: cdc\nsources:\n  - { name: c, format: kafka-debezium }\n");
+    assert_eq!(e.path, "sources[0].kafka");
+}

@@ -490,6 +490,36 @@ pub(crate) fn validate(spec: &PipelineSpec) -> Result<Dag, SpecError> {
 /// A file source needs a path; an HTTP source needs a usable `http` block.
 fn check_source_location(i: usize, source: &crate::SourceSpec) -> Result<(), SpecError> {
     let at = |field: &str| format!("sources[{i}].{field}");
+    if (source.format == crate::SourceFormat::KafkaDebezium) != source.kafka.is_some() {
+        return Err(SpecError::new(
+            at("kafka"),
+            "`format: kafka-debezium` sources, and only they, take a `kafka` block",
+        ));
+    }
+    if let Some(kafka) = &source.kafka {
+        if !source.path.is_empty() {
+            return Err(SpecError::new(
+                at("path"),
+                "a kafka-debezium source reads `kafka.topics`",
+            ));
+        }
+        if kafka.brokers.trim().is_empty() {
+            return Err(SpecError::new(at("kafka.brokers"), "empty"));
+        }
+        if kafka.topics.is_empty() || kafka.topics.iter().any(|t| t.trim().is_empty()) {
+            return Err(SpecError::new(
+                at("kafka.topics"),
+                "give at least one topic name",
+            ));
+        }
+        if kafka.max_batch_rows == 0 || kafka.idle_ms == 0 {
+            return Err(SpecError::new(
+                at("kafka"),
+                "`max_batch_rows` and `idle_ms` must be above 0",
+            ));
+        }
+        return Ok(());
+    }
     let Some(http) = &source.http else {
         if source.format == crate::SourceFormat::HttpJson {
             return Err(SpecError::new(

@@ -123,6 +123,7 @@ impl TaskRequest {
             app_id,
             txn_version: self.run_sequence as i64,
             metadata,
+            more_transactions: Vec::new(),
         }
     }
 

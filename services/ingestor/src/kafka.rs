@@ -1,0 +1,396 @@
+//! The `kafka-debezium` source: reads Debezium change events from Kafka topics into the bronze
+//! change table, exactly once.
+//!
+//! Offsets live in bronze, not in Kafka: every commit records, as Delta application
+//! transactions (`kafka:<topic>:<partition>` = last offset), where each partition's rows end,
+//! in the same commit as the rows. A task assigns every partition of its topics at the offset
+//! after the committed one, reads in micro-batches (at most `max_batch_rows` rows per commit)
+//! until no message arrived for `idle_ms`, and commits each batch. A crash loses only the batch
+//! in flight, which the next task reads again from the committed offsets; two ingestors racing
+//! on one partition conflict on its transaction, so one of them fails instead of duplicating.
+//!
+//! Malformed messages are not lost: they become rows with `_error` and the raw `_value`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{
+    ArrayRef, BinaryBuilder, Int32Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use medallion_lake::{CommitOutcome, CommitSpec, Lake, WriteMode};
+use medallion_server::CancellationToken;
+use medallion_spec::{KafkaSourceSpec, Layer};
+use medallion_stage::{Manifest, Progress, TaskError, TaskRequest};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+use crate::debezium::{self, Event};
+
+/// Bronze change table columns.
+pub fn change_schema() -> SchemaRef {
+    let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    Arc::new(Schema::new(vec![
+        Field::new("op", DataType::Utf8, true),
+        Field::new("key", DataType::Utf8, true),
+        Field::new("sequence", DataType::Utf8, true),
+        Field::new("before", DataType::Utf8, true),
+        Field::new("after", DataType::Utf8, true),
+        Field::new("source", DataType::Utf8, true),
+        Field::new("ts_ms", DataType::Int64, true),
+        Field::new("_topic", DataType::Utf8, false),
+        Field::new("_partition", DataType::Int32, false),
+        Field::new("_offset", DataType::Int64, false),
+        Field::new("_kafka_timestamp", ts.clone(), true),
+        Field::new("_error", DataType::Utf8, true),
+        Field::new("_value", DataType::Binary, true),
+        Field::new("_ingested_at", ts, false),
+        Field::new("_run_id", DataType::Utf8, false),
+    ]))
+}
+
+/// How long a task waits for its first message before deciding the topics hold nothing new.
+const FIRST_WAIT: Duration = Duration::from_secs(5);
+
+fn app_id(topic: &str, partition: i32) -> String {
+    format!("kafka:{topic}:{partition}")
+}
+
+/// Rows of one micro-batch, column by column.
+struct BatchBuilder {
+    op: StringBuilder,
+    key: StringBuilder,
+    sequence: StringBuilder,
+    before: StringBuilder,
+    after: StringBuilder,
+    source: StringBuilder,
+    ts_ms: Int64Builder,
+    topic: StringBuilder,
+    partition: Int32Builder,
+    offset: Int64Builder,
+    kafka_ts: TimestampMicrosecondBuilder,
+    error: StringBuilder,
+    value: BinaryBuilder,
+    rows: usize,
+    /// Last offset per (topic, partition) in this batch, tombstones included.
+    last: BTreeMap<(String, i32), i64>,
+}
+
+impl BatchBuilder {
+    fn new() -> BatchBuilder {
+        BatchBuilder {
+            op: StringBuilder::new(),
+            key: StringBuilder::new(),
+            sequence: StringBuilder::new(),
+            before: StringBuilder::new(),
+            after: StringBuilder::new(),
+            source: StringBuilder::new(),
+            ts_ms: Int64Builder::new(),
+            topic: StringBuilder::new(),
+            partition: Int32Builder::new(),
+            offset: Int64Builder::new(),
+            kafka_ts: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
+            error: StringBuilder::new(),
+            value: BinaryBuilder::new(),
+            rows: 0,
+            last: BTreeMap::new(),
+        }
+    }
+
+    fn push<M: Message>(&mut self, message: &M, options: &debezium::Options) {
+        let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
+        self.last.insert((topic.to_string(), partition), offset);
+        let parsed = debezium::parse(message.key(), message.payload(), options);
+        let change = match parsed {
+            Ok(Event::Tombstone) => return,
+            Ok(Event::Change(change)) => Some(change),
+            Err(error) => {
+                self.error.append_value(error);
+                self.value.append_option(message.payload());
+                None
+            }
+        };
+        match &change {
+            Some(c) => {
+                self.op.append_value(c.op.as_str());
+                self.key.append_value(&c.key);
+                self.sequence.append_value(&c.sequence);
+                self.before.append_option(c.before.as_deref());
+                self.after.append_option(c.after.as_deref());
+                self.source.append_option(c.source.as_deref());
+                self.ts_ms.append_option(c.ts_ms);
+                self.error.append_null();
+                self.value.append_null();
+            }
+            None => {
+                for b in [
+                    &mut self.op,
+                    &mut self.key,
+                    &mut self.sequence,
+                    &mut self.before,
+                    &mut self.after,
+                    &mut self.source,
+                ] {
+                    b.append_null();
+                }
+                self.ts_ms.append_null();
+            }
+        }
+        self.topic.append_value(topic);
+        self.partition.append_value(partition);
+        self.offset.append_value(offset);
+        self.kafka_ts.append_option(
+            message
+                .timestamp()
+                .to_millis()
+                .map(|ms| ms.saturating_mul(1000)),
+        );
+        self.rows += 1;
+    }
+
+    fn finish(&mut self, ingested_at_us: i64, run_id: &str) -> Result<RecordBatch, TaskError> {
+        let n = self.rows;
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(self.op.finish()),
+            Arc::new(self.key.finish()),
+            Arc::new(self.sequence.finish()),
+            Arc::new(self.before.finish()),
+            Arc::new(self.after.finish()),
+            Arc::new(self.source.finish()),
+            Arc::new(self.ts_ms.finish()),
+            Arc::new(self.topic.finish()),
+            Arc::new(self.partition.finish()),
+            Arc::new(self.offset.finish()),
+            Arc::new(self.kafka_ts.finish()),
+            Arc::new(self.error.finish()),
+            Arc::new(self.value.finish()),
+            Arc::new(
+                arrow::array::TimestampMicrosecondArray::from_value(ingested_at_us, n)
+                    .with_timezone("UTC"),
+            ),
+            Arc::new(arrow::array::StringArray::from_iter_values(
+                std::iter::repeat_n(run_id, n),
+            )),
+        ];
+        self.rows = 0;
+        RecordBatch::try_new(change_schema(), columns).map_err(TaskError::internal)
+    }
+}
+
+/// `${VAR}` in a setting, from the ingestor's environment.
+fn resolve(name: &str, template: &str) -> Result<String, TaskError> {
+    let mut value = String::new();
+    let mut rest = template;
+    while let Some(start) = rest.find("${") {
+        value.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| TaskError::Invalid(format!("kafka.settings.{name}: unclosed `${{`")))?;
+        let var = &after[..end];
+        value.push_str(&std::env::var(var).map_err(|_| {
+            TaskError::Invalid(format!(
+                "kafka.settings.{name}: ${{{var}}} is not set on the ingestor"
+            ))
+        })?);
+        rest = &after[end + 1..];
+    }
+    value.push_str(rest);
+    Ok(value)
+}
+
+/// One bronze task of a Kafka source.
+pub async fn run(
+    lake: &Lake,
+    task: &TaskRequest,
+    name: &str,
+    kafka: &KafkaSourceSpec,
+    progress: &Progress,
+    cancel: &CancellationToken,
+) -> Result<Manifest, TaskError> {
+    let current = lake
+        .snapshot(Layer::Bronze, name, None)
+        .await
+        .map_err(TaskError::internal)?;
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &kafka.brokers)
+        .set(
+            "group.id",
+            kafka
+                .group
+                .clone()
+                .unwrap_or_else(|| format!("medallion-{}-{name}", task.pipeline.spec.name)),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", "earliest");
+    for (key, value) in &kafka.settings {
+        config.set(key, resolve(key, value)?);
+    }
+    let consumer: StreamConsumer = config
+        .create()
+        .map_err(|e| TaskError::Invalid(format!("source `{name}`: Kafka client: {e}")))?;
+    let consumer = Arc::new(consumer);
+
+    // Every partition of every topic, from just after its committed offset.
+    progress.report("reading partitions", 0, 0, true);
+    let mut assignment = TopicPartitionList::new();
+    let mut partitions = 0;
+    for topic in &kafka.topics {
+        let (c, t) = (consumer.clone(), topic.clone());
+        let metadata = tokio::task::spawn_blocking(move || {
+            c.fetch_metadata(Some(&t), Duration::from_secs(10))
+        })
+        .await
+        .map_err(TaskError::internal)?
+        .map_err(|e| {
+            TaskError::Invalid(format!(
+                "source `{name}`: topic `{topic}` at {}: {e}",
+                kafka.brokers
+            ))
+        })?;
+        let ids: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic)
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        if ids.is_empty() {
+            return Err(TaskError::Invalid(format!(
+                "source `{name}`: topic `{topic}` has no partitions at {} (does it exist?)",
+                kafka.brokers
+            )));
+        }
+        for partition in ids {
+            let committed = match (&current, task.full_refresh) {
+                (Some(snapshot), false) => snapshot
+                    .app_version(&app_id(topic, partition))
+                    .await
+                    .map_err(TaskError::internal)?,
+                _ => None,
+            };
+            let start = committed.map_or(Offset::Beginning, |o| Offset::Offset(o + 1));
+            assignment
+                .add_partition_offset(topic, partition, start)
+                .map_err(TaskError::internal)?;
+            partitions += 1;
+        }
+    }
+    consumer
+        .assign(&assignment)
+        .map_err(|e| TaskError::Invalid(format!("source `{name}`: assign: {e}")))?;
+    tracing::info!(source = name, partitions, "reading Kafka");
+
+    let options = debezium::Options {
+        key_columns: kafka.key_columns.clone(),
+        sequence_field: kafka.sequence_field.clone(),
+    };
+    let idle = Duration::from_millis(kafka.idle_ms);
+    // The first fetch also waits for the connection and the partition leaders.
+    let mut wait = idle.max(FIRST_WAIT);
+    let mut overwrite = task.full_refresh || current.is_none();
+    let mut last_outcome: Option<CommitOutcome> = None;
+    let (mut total, mut commits) = (0u64, 0u64);
+    let mut batch = BatchBuilder::new();
+    loop {
+        let message = tokio::select! {
+            m = consumer.recv() => Some(m),
+            _ = tokio::time::sleep(wait) => None,
+            _ = cancel.cancelled() => return Err(TaskError::Cancelled),
+        };
+        let caught_up = match message {
+            Some(Ok(message)) => {
+                batch.push(&message, &options);
+                wait = idle;
+                false
+            }
+            Some(Err(e)) => {
+                return Err(TaskError::Invalid(format!(
+                    "source `{name}`: reading Kafka: {e}"
+                )));
+            }
+            None => true,
+        };
+        let full = batch.rows >= kafka.max_batch_rows;
+        if (caught_up || full) && !batch.last.is_empty() {
+            let rows = batch.rows as u64;
+            let outcome = commit(lake, task, name, &mut batch, overwrite).await?;
+            overwrite = false;
+            total += rows;
+            commits += 1;
+            last_outcome = Some(outcome);
+            progress.report(&format!("{commits} commits"), total, 0, false);
+        }
+        if caught_up {
+            break;
+        }
+    }
+    match (last_outcome, &current) {
+        (Some(outcome), _) => Manifest::after_commit(lake, &task.table, &outcome).await,
+        (None, Some(snapshot)) if !task.full_refresh => Ok(Manifest::of_snapshot(snapshot, false)),
+        // Nothing to read yet: an empty table, so downstream tables have their input.
+        (None, _) => {
+            let writer = lake
+                .writer(Layer::Bronze, name, change_schema())
+                .await
+                .map_err(TaskError::internal)?;
+            let spec = commit_spec(
+                task,
+                WriteMode::Overwrite,
+                vec![(format!("kafka:{name}"), 0)],
+            );
+            let outcome = writer.commit(spec).await.map_err(TaskError::internal)?;
+            Manifest::after_commit(lake, &task.table, &outcome).await
+        }
+    }
+}
+
+fn commit_spec(task: &TaskRequest, mode: WriteMode, mut txns: Vec<(String, i64)>) -> CommitSpec {
+    let (app_id, txn_version) = txns.remove(0);
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("run_id".into(), task.run_id.clone().into());
+    metadata.insert("pipeline".into(), task.pipeline.spec.name.clone().into());
+    metadata.insert("table".into(), task.table.to_string().into());
+    CommitSpec {
+        mode,
+        app_id,
+        txn_version,
+        metadata,
+        more_transactions: txns,
+    }
+}
+
+/// Commits the batch with the last offset of each partition it read.
+async fn commit(
+    lake: &Lake,
+    task: &TaskRequest,
+    name: &str,
+    batch: &mut BatchBuilder,
+    overwrite: bool,
+) -> Result<CommitOutcome, TaskError> {
+    let rows = batch.finish(chrono::Utc::now().timestamp_micros(), &task.run_id)?;
+    let txns: Vec<(String, i64)> = std::mem::take(&mut batch.last)
+        .into_iter()
+        .map(|((topic, partition), offset)| (app_id(&topic, partition), offset))
+        .collect();
+    let mut writer = lake
+        .writer(Layer::Bronze, name, change_schema())
+        .await
+        .map_err(TaskError::internal)?;
+    if rows.num_rows() > 0 {
+        writer.write(rows).await.map_err(TaskError::internal)?;
+    }
+    let mode = if overwrite {
+        WriteMode::Overwrite
+    } else {
+        WriteMode::Append
+    };
+    writer
+        .commit(commit_spec(task, mode, txns))
+        .await
+        .map_err(TaskError::internal)
+}
