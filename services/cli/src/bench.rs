@@ -13,8 +13,9 @@ use crate::{demo, display, stack};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// The benchmark to run (only `tpch`).
-    #[arg(value_parser = ["tpch"])]
+    /// The benchmark: `tpch` (batch pipeline, services against polars in one process) or `cdc`
+    /// (Debezium events from Kafka into bronze; needs --brokers).
+    #[arg(value_parser = ["tpch", "cdc"])]
     pub which: String,
     #[arg(long, default_value_t = 1.0)]
     pub scale_factor: f64,
@@ -28,10 +29,22 @@ pub struct BenchArgs {
     /// folder in the work folder, made anew each run.
     #[arg(long)]
     pub lake: Option<String>,
+    /// cdc: bootstrap servers of a Kafka-compatible broker (a fresh topic is created on it).
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// cdc: change events to produce.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: u64,
+    /// cdc: distinct row keys (the first event of each key is a create, the rest updates).
+    #[arg(long, default_value_t = 100_000)]
+    pub keys: u64,
+    /// cdc: topic partitions.
+    #[arg(long, default_value_t = 3)]
+    pub partitions: i32,
 }
 
 /// Peak resident memory (VmHWM) of a process, in bytes.
-fn peak_rss(pid: &str) -> u64 {
+pub(crate) fn peak_rss(pid: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -204,6 +217,9 @@ async fn in_process_path(
 pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.work)?;
     let work = std::fs::canonicalize(&args.work)?;
+    if args.which == "cdc" {
+        return crate::bench_cdc::bench(&args, &work).await;
+    }
     println!(
         "generating TPC-H at scale factor {} in {}",
         args.scale_factor,

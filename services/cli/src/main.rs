@@ -2,6 +2,7 @@
 //! and read any layer's tables over Arrow Flight.
 
 mod bench;
+mod bench_cdc;
 mod demo;
 mod display;
 mod stack;
@@ -118,7 +119,7 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         parts: i32,
     },
-    /// Time the tpch pipeline through the services against the same plan in one process.
+    /// Benchmarks: `tpch` (the services against the same plan in one process) or `cdc`.
     Bench(bench::BenchArgs),
     /// Generate TPC-H data, start the services, run examples/tpch.yaml and print the gold tables.
     Demo(demo::DemoArgs),

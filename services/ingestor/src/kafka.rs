@@ -330,7 +330,12 @@ pub async fn run(
         }
     }
     match (last_outcome, &current) {
-        (Some(outcome), _) => Manifest::after_commit(lake, &task.table, &outcome).await,
+        (Some(outcome), _) => {
+            // The manifest of the last commit, counting the rows of every commit of the task.
+            let mut manifest = Manifest::after_commit(lake, &task.table, &outcome).await?;
+            manifest.rows_written = total;
+            Ok(manifest)
+        }
         (None, Some(snapshot)) if !task.full_refresh => Ok(Manifest::of_snapshot(snapshot, false)),
         // Nothing to read yet: an empty table, so downstream tables have their input.
         (None, _) => {
