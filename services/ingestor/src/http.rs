@@ -207,22 +207,7 @@ fn resolve_headers(
 ) -> Result<reqwest::header::HeaderMap, String> {
     let mut map = reqwest::header::HeaderMap::new();
     for (name, template) in headers {
-        let mut value = String::new();
-        let mut rest = template.as_str();
-        while let Some(start) = rest.find("${") {
-            value.push_str(&rest[..start]);
-            let after = &rest[start + 2..];
-            let end = after
-                .find('}')
-                .ok_or_else(|| format!("http.headers.{name}: unclosed `${{`"))?;
-            let var = &after[..end];
-            let resolved = std::env::var(var).map_err(|_| {
-                format!("http.headers.{name}: ${{{var}}} is not set on the ingestor")
-            })?;
-            value.push_str(&resolved);
-            rest = &after[end + 1..];
-        }
-        value.push_str(rest);
+        let value = crate::env::expand(&format!("http.headers.{name}"), template)?;
         let name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
             .map_err(|e| format!("http.headers: `{name}`: {e}"))?;
         // The value may be a secret: never echo it.

@@ -179,28 +179,6 @@ impl BatchBuilder {
     }
 }
 
-/// `${VAR}` in a setting, from the ingestor's environment.
-fn resolve(name: &str, template: &str) -> Result<String, TaskError> {
-    let mut value = String::new();
-    let mut rest = template;
-    while let Some(start) = rest.find("${") {
-        value.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| TaskError::Invalid(format!("kafka.settings.{name}: unclosed `${{`")))?;
-        let var = &after[..end];
-        value.push_str(&std::env::var(var).map_err(|_| {
-            TaskError::Invalid(format!(
-                "kafka.settings.{name}: ${{{var}}} is not set on the ingestor"
-            ))
-        })?);
-        rest = &after[end + 1..];
-    }
-    value.push_str(rest);
-    Ok(value)
-}
-
 /// One bronze task of a Kafka source.
 pub async fn run(
     lake: &Lake,
@@ -229,7 +207,9 @@ pub async fn run(
         .set("enable.partition.eof", "false")
         .set("auto.offset.reset", "earliest");
     for (key, value) in &kafka.settings {
-        config.set(key, resolve(key, value)?);
+        let value = crate::env::expand(&format!("kafka.settings.{key}"), value)
+            .map_err(TaskError::Invalid)?;
+        config.set(key, value);
     }
     let consumer: StreamConsumer = config
         .create()

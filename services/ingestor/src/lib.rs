@@ -5,6 +5,7 @@
 //! source's incremental cursor is kept the same way. Serves bronze over Arrow Flight.
 
 pub mod debezium;
+mod env;
 pub mod http;
 pub mod ingest;
 pub mod kafka;
