@@ -45,6 +45,20 @@ async fn cloud_cluster(
     .expect("cluster")
 }
 
+/// An S3 server with buckets `lake`, `raw` and `stage`, and the Redshift endpoint on it (its
+/// log in the returned folder).
+async fn s3_and_redshift() -> (S3Server, RedshiftDataLocal, tempfile::TempDir) {
+    let s3 = S3Server::start().await.expect("S3 server");
+    for bucket in ["lake", "raw", "stage"] {
+        s3.create_bucket(bucket).await.expect("bucket");
+    }
+    let logs = tempfile::tempdir().expect("tempdir");
+    let redshift = RedshiftDataLocal::start(&s3, &logs.path().join("redshift.log"))
+        .await
+        .expect("redshift endpoint");
+    (s3, redshift, logs)
+}
+
 async fn upload_dir(s3: &S3Server, local: &Path, bucket: &str, prefix: &str) {
     for entry in walk(local) {
         let relative = entry
@@ -73,14 +87,7 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tpch_on_the_s3_lake_loads_redshift_with_the_same_gold() {
-    let s3 = S3Server::start().await.expect("S3 server");
-    for bucket in ["lake", "raw", "stage"] {
-        s3.create_bucket(bucket).await.expect("bucket");
-    }
-    let logs = tempfile::tempdir().expect("tempdir");
-    let redshift = RedshiftDataLocal::start(&s3, &logs.path().join("redshift.log"))
-        .await
-        .expect("redshift endpoint");
+    let (s3, redshift, _logs) = s3_and_redshift().await;
     let cluster = cloud_cluster(&s3, Some(&redshift), "tpch").await;
 
     let generated = cluster.dir.path().join("generated");
@@ -294,14 +301,7 @@ fn batch(schema: &Arc<Schema>, writer: &str, ids: std::ops::Range<i64>) -> Recor
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cloud_failures_are_clear_and_commit_nothing() {
-    let s3 = S3Server::start().await.expect("S3 server");
-    for bucket in ["lake", "raw", "stage"] {
-        s3.create_bucket(bucket).await.expect("bucket");
-    }
-    let logs = tempfile::tempdir().expect("tempdir");
-    let redshift = RedshiftDataLocal::start(&s3, &logs.path().join("redshift.log"))
-        .await
-        .expect("redshift endpoint");
+    let (s3, redshift, _logs) = s3_and_redshift().await;
     let cluster = cloud_cluster(&s3, Some(&redshift), "failures").await;
 
     // A source in a bucket that does not exist.

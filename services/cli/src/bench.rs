@@ -43,6 +43,27 @@ pub struct BenchArgs {
     pub partitions: i32,
 }
 
+/// Triggers a run of `pipeline`, shows its progress until it ends and returns it.
+pub(crate) async fn run_to_end(
+    client: &mut crate::Client,
+    pipeline: &str,
+) -> anyhow::Result<pb::Run> {
+    let run = client
+        .trigger_run(pb::TriggerRunRequest {
+            pipeline: pipeline.into(),
+            full_refresh: false,
+            tables: vec![],
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    display::watch(client, &run.id).await?;
+    Ok(client
+        .get_run(pb::GetRunRequest { run_id: run.id })
+        .await?
+        .into_inner())
+}
+
 /// Peak resident memory (VmHWM) of a process, in bytes.
 pub(crate) fn peak_rss(pid: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -117,21 +138,8 @@ async fn services_path(
         )
         .await?;
         let started = Instant::now();
-        let run = client
-            .trigger_run(pb::TriggerRunRequest {
-                pipeline: "tpch".into(),
-                full_refresh: false,
-                tables: vec![],
-            })
-            .await
-            .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-            .into_inner();
-        display::watch(&mut client, &run.id).await?;
+        let run = run_to_end(&mut client, "tpch").await?;
         let total = started.elapsed().as_secs_f64();
-        let run = client
-            .get_run(pb::GetRunRequest { run_id: run.id })
-            .await?
-            .into_inner();
         let rss = stack
             .pids()
             .into_iter()

@@ -11,7 +11,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use crate::{bench::BenchArgs, display, stack};
+use crate::{bench::BenchArgs, stack};
 
 /// Sends in flight at once while producing.
 const IN_FLIGHT: usize = 10_000;
@@ -102,20 +102,7 @@ pub async fn bench(args: &BenchArgs, work: &std::path::Path) -> anyhow::Result<(
             "name: cdc_bench\nsources:\n  - name: changes\n    format: kafka-debezium\n    kafka: {{ brokers: \"{brokers}\", topics: [{topic}], max_batch_rows: 200000, idle_ms: 2000 }}\n"
         );
         crate::apply_text(&mut client, spec, work.display().to_string()).await?;
-        let run = client
-            .trigger_run(pb::TriggerRunRequest {
-                pipeline: "cdc_bench".into(),
-                full_refresh: false,
-                tables: vec![],
-            })
-            .await
-            .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-            .into_inner();
-        display::watch(&mut client, &run.id).await?;
-        let run = client
-            .get_run(pb::GetRunRequest { run_id: run.id })
-            .await?
-            .into_inner();
+        let run = crate::bench::run_to_end(&mut client, "cdc_bench").await?;
         let task = run.tasks.first().context("no task")?;
         anyhow::ensure!(
             task.state == pb::TaskState::Succeeded as i32,

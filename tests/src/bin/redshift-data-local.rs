@@ -10,7 +10,7 @@ use clap::Parser;
 #[command(version, about)]
 struct Cli {
     /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:50070")]
+    #[arg(long, default_value = "127.0.0.1:50090")]
     listen: String,
     /// PostgreSQL the statements run on.
     #[arg(long, env = "MEDALLION_REDSHIFT_LOCAL_POSTGRES")]
