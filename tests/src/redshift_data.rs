@@ -179,6 +179,12 @@ fn submit(state: Arc<State>, input: Value, sqls: Vec<String>) -> hyper::Response
     }
     tokio::spawn(execute(state, id.clone()));
     let mut out = json!({"Id": id, "CreatedAt": created_at});
+    copy_target(&input, &mut out);
+    reply(200, out)
+}
+
+/// The fields naming where a statement ran, echoed back as the Data API does.
+fn copy_target(request: &Value, out: &mut Value) {
     for key in [
         "Database",
         "ClusterIdentifier",
@@ -186,11 +192,10 @@ fn submit(state: Arc<State>, input: Value, sqls: Vec<String>) -> hyper::Response
         "DbUser",
         "SecretArn",
     ] {
-        if let Some(v) = input.get(key) {
+        if let Some(v) = request.get(key) {
             out[key] = v.clone();
         }
     }
-    reply(200, out)
 }
 
 fn uuid_like() -> String {
@@ -227,17 +232,7 @@ fn describe(s: &Statement) -> hyper::Response<Full<Bytes>> {
         "HasResultSet": !s.columns.is_empty(),
         "ResultRows": s.subs.last().map_or(0, |sub| sub.2),
     });
-    for key in [
-        "Database",
-        "ClusterIdentifier",
-        "WorkgroupName",
-        "DbUser",
-        "SecretArn",
-    ] {
-        if let Some(v) = s.request.get(key) {
-            out[key] = v.clone();
-        }
-    }
+    copy_target(&s.request, &mut out);
     if let Some(error) = &s.error {
         out["Error"] = json!(error);
     }

@@ -35,7 +35,31 @@ pub(crate) struct Ingestor {
     pub spool_dir: PathBuf,
 }
 
+/// Bronze as a task finds it.
+enum Current {
+    /// This run already committed the table (the task is a retry): its manifest.
+    Done(Manifest),
+    /// The latest version, if the table exists.
+    Snapshot(Option<TableSnapshot>),
+}
+
 impl Ingestor {
+    /// The table's latest version, unless this run already committed it: a retry of a run
+    /// that committed must not ingest again.
+    async fn current(&self, task: &TaskRequest, name: &str) -> Result<Current, TaskError> {
+        let current = self
+            .lake
+            .snapshot(Layer::Bronze, name, None)
+            .await
+            .map_err(TaskError::internal)?;
+        if let Some(snapshot) = &current
+            && task.is_done(snapshot, false).await?
+        {
+            return Ok(Current::Done(Manifest::of_snapshot(snapshot, false)));
+        }
+        Ok(Current::Snapshot(current))
+    }
+
     async fn objects(&self) -> &ObjectStore {
         self.objects
             .get_or_init(|| ObjectStore::connect(self.s3.clone()))
@@ -56,16 +80,10 @@ impl Ingestor {
             .http
             .clone()
             .ok_or_else(|| TaskError::Invalid(format!("source `{name}` has no http block")))?;
-        let current = self
-            .lake
-            .snapshot(Layer::Bronze, &name, None)
-            .await
-            .map_err(TaskError::internal)?;
-        if let Some(snapshot) = &current
-            && task.is_done(snapshot, false).await?
-        {
-            return Ok(Manifest::of_snapshot(snapshot, false));
-        }
+        let current = match self.current(&task, &name).await? {
+            Current::Done(manifest) => return Ok(manifest),
+            Current::Snapshot(current) => current,
+        };
         let appending = current
             .as_ref()
             .filter(|c| !c.files.is_empty() && !task.full_refresh);
@@ -306,17 +324,10 @@ impl TaskRunner for Ingestor {
                 .map_err(TaskError::internal)?
                 .map_err(TaskError::Invalid)?
         };
-        let current = self
-            .lake
-            .snapshot(Layer::Bronze, &name, None)
-            .await
-            .map_err(TaskError::internal)?;
-        // A retry of a run that already committed must not ingest again.
-        if let Some(snapshot) = &current
-            && task.is_done(snapshot, false).await?
-        {
-            return Ok(Manifest::of_snapshot(snapshot, false));
-        }
+        let current = match self.current(&task, &name).await? {
+            Current::Done(manifest) => return Ok(manifest),
+            Current::Snapshot(current) => current,
+        };
         let seen = if task.full_refresh {
             BTreeSet::new()
         } else {

@@ -154,18 +154,25 @@ pub fn list_files(source: &SourceSpec, base_dir: &str) -> Result<Vec<SourceFile>
 
 /// Reads the local file at `path` on the blocking pool, sending its batches; errors name the
 /// file as `name` (its source path or URL; an S3 object is read from a local spool copy).
-pub fn spawn_reader(
-    source: SourceSpec,
-    path: PathBuf,
-    name: String,
-) -> (
+pub fn spawn_reader(source: SourceSpec, path: PathBuf, name: String) -> Reader {
+    spawn_blocking_reader(name, move |tx| read_file(&source, &path, tx))
+}
+
+/// Batches arriving from a blocking reader, and the reader's task.
+pub type Reader = (
     mpsc::Receiver<Result<RecordBatch, String>>,
     tokio::task::JoinHandle<()>,
-) {
+);
+
+/// Runs `read` on the blocking pool behind a bounded channel (memory stays bounded by a few
+/// batches); its error, prefixed with `name`, is the channel's last item.
+fn spawn_blocking_reader(
+    name: String,
+    read: impl FnOnce(&Sender) -> Result<(), String> + Send + 'static,
+) -> Reader {
     let (tx, rx) = mpsc::channel(4);
     let handle = tokio::task::spawn_blocking(move || {
-        let result = read_file(&source, &path, &tx);
-        if let Err(e) = result {
+        if let Err(e) = read(&tx) {
             let _ = tx.blocking_send(Err(format!("{name}: {e}")));
         }
     });
@@ -194,33 +201,18 @@ fn read_file(source: &SourceSpec, path: &Path, tx: &Sender) -> Result<(), String
 
 /// Reads an NDJSON spool file with a known schema (fields it lacks are null) on the blocking
 /// pool, sending its batches; errors name the source as `name`.
-pub fn spawn_ndjson_reader(
-    path: PathBuf,
-    schema: SchemaRef,
-    name: String,
-) -> (
-    mpsc::Receiver<Result<RecordBatch, String>>,
-    tokio::task::JoinHandle<()>,
-) {
-    let (tx, rx) = mpsc::channel(4);
-    let handle = tokio::task::spawn_blocking(move || {
-        let result = File::open(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|file| {
-                let reader = arrow::json::ReaderBuilder::new(schema)
-                    .with_batch_size(BATCH_ROWS)
-                    .build(BufReader::with_capacity(1 << 20, file))
-                    .map_err(|e| e.to_string())?;
-                for batch in reader {
-                    send(&tx, batch.map_err(|e| e.to_string())?)?;
-                }
-                Ok(())
-            });
-        if let Err(e) = result {
-            let _ = tx.blocking_send(Err(format!("{name}: {e}")));
+pub fn spawn_ndjson_reader(path: PathBuf, schema: SchemaRef, name: String) -> Reader {
+    spawn_blocking_reader(name, move |tx| {
+        let file = File::open(&path).map_err(|e| e.to_string())?;
+        let reader = arrow::json::ReaderBuilder::new(schema)
+            .with_batch_size(BATCH_ROWS)
+            .build(BufReader::with_capacity(1 << 20, file))
+            .map_err(|e| e.to_string())?;
+        for batch in reader {
+            send(tx, batch.map_err(|e| e.to_string())?)?;
         }
-    });
-    (rx, handle)
+        Ok(())
+    })
 }
 
 fn ascii(c: char, what: &str) -> Result<u8, String> {
