@@ -182,3 +182,708 @@ async fn debezium_events_land_in_bronze_exactly_once() {
     let (rows, _) = bronze_rows(&cluster).await;
     assert_eq!(rows.len() as u64, expected, "messages lost or repeated");
 }
+
+/// A customer row of the generated source table.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Customer {
+    name: String,
+    region: String,
+    balance_cents: i64,
+    visits: i64,
+    signup_days: i32,
+}
+
+impl Customer {
+    fn json(&self, id: i64) -> String {
+        format!(
+            r#"{{"id":{id},"name":"{}","region":"{}","balance":"{}.{:02}","visits":{},"signup":{}}}"#,
+            self.name,
+            self.region,
+            self.balance_cents / 100,
+            self.balance_cents % 100,
+            self.visits,
+            self.signup_days
+        )
+    }
+}
+
+/// One change of the source table, in commit order (`position` orders them: the Postgres
+/// LSN, or the MySQL binlog file and position).
+#[derive(Debug, Clone)]
+struct SourceChange {
+    position: u64,
+    id: Option<i64>,
+    op: &'static str,
+    before: Option<Customer>,
+    after: Option<Customer>,
+}
+
+/// A small deterministic generator (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+const REGIONS: [&str; 4] = ["north", "south", "east", "west"];
+
+/// Random inserts, updates (some only of `visits`, which SCD2 does not track) and deletes of
+/// `keys` customers, applied to `state`.
+fn generate(
+    rng: &mut Rng,
+    state: &mut std::collections::BTreeMap<i64, Customer>,
+    position: &mut u64,
+    count: usize,
+    keys: u64,
+) -> Vec<SourceChange> {
+    let mut changes = Vec::new();
+    for _ in 0..count {
+        *position += 8;
+        let id = rng.below(keys) as i64;
+        let before = state.get(&id).cloned();
+        let (op, after) = match &before {
+            None => (
+                "c",
+                Some(Customer {
+                    name: format!("c{}", rng.below(1000)),
+                    region: REGIONS[rng.below(4) as usize].into(),
+                    balance_cents: rng.below(1_000_000) as i64,
+                    visits: 0,
+                    signup_days: 19_000 + rng.below(1000) as i32,
+                }),
+            ),
+            Some(old) => match rng.below(10) {
+                0..=2 => ("d", None),
+                3..=5 => (
+                    "u",
+                    Some(Customer {
+                        visits: old.visits + 1,
+                        ..old.clone()
+                    }),
+                ),
+                _ => (
+                    "u",
+                    Some(Customer {
+                        region: REGIONS[rng.below(4) as usize].into(),
+                        balance_cents: rng.below(1_000_000) as i64,
+                        name: format!("c{}", rng.below(1000)),
+                        ..old.clone()
+                    }),
+                ),
+            },
+        };
+        match &after {
+            Some(row) => state.insert(id, row.clone()),
+            None => state.remove(&id),
+        };
+        changes.push(SourceChange {
+            position: *position,
+            id: Some(id),
+            op,
+            before,
+            after,
+        });
+    }
+    changes
+}
+
+/// The Debezium message of a change: Postgres or MySQL `source` block, schemas on for every
+/// other message.
+fn debezium_message(change: &SourceChange, mysql: bool) -> (String, String) {
+    let image = |row: &Option<Customer>| match (row, change.id) {
+        (Some(r), Some(id)) => r.json(id),
+        _ => "null".into(),
+    };
+    let source = if mysql {
+        // A new binlog file every 4000 positions; positions restart in each file.
+        format!(
+            r#"{{"connector":"mysql","file":"mysql-bin.{:06}","pos":{},"row":0}}"#,
+            1 + change.position / 4000,
+            4 + change.position % 4000
+        )
+    } else {
+        format!(
+            r#"{{"connector":"postgresql","db":"shop","schema":"public","table":"customers","lsn":{}}}"#,
+            change.position
+        )
+    };
+    let envelope = format!(
+        r#"{{"before":{},"after":{},"source":{source},"op":"{}","ts_ms":{}}}"#,
+        image(&change.before),
+        image(&change.after),
+        change.op,
+        1_700_000_000_000u64 + change.position
+    );
+    let key = change
+        .id
+        .map_or_else(String::new, |id| format!(r#"{{"id":{id}}}"#));
+    if change.position % 16 == 0 {
+        (
+            format!(r#"{{"schema":{{"type":"struct","optional":false}},"payload":{key}}}"#),
+            format!(r#"{{"schema":{{"type":"struct","optional":false}},"payload":{envelope}}}"#),
+        )
+    } else {
+        (key, envelope)
+    }
+}
+
+/// Sends the changes, partitioned by key, each delete followed by its tombstone; then sends
+/// `late` of them again (duplicates arriving after newer changes of their keys).
+async fn deliver(
+    broker: &Broker,
+    topic: &str,
+    changes: &[SourceChange],
+    mysql: bool,
+    late: usize,
+    rng: &mut Rng,
+) {
+    for change in changes {
+        send_change(broker, topic, change, mysql).await;
+    }
+    for _ in 0..late {
+        let change = &changes[rng.below(changes.len() as u64) as usize];
+        send_change(broker, topic, change, mysql).await;
+    }
+}
+
+async fn send_change(broker: &Broker, topic: &str, change: &SourceChange, mysql: bool) {
+    let (key, value) = debezium_message(change, mysql);
+    let partition = change
+        .id
+        .map_or(0, |id| (id % i64::from(PARTITIONS)) as i32);
+    broker
+        .send(topic, partition, &key, Some(&value))
+        .await
+        .expect("produce");
+    if change.op == "d" {
+        broker
+            .send(topic, partition, &key, None)
+            .await
+            .expect("tombstone");
+    }
+}
+
+/// Silver SCD1 rows by id: (customer, sequence).
+fn scd1_rows(
+    batches: &[arrow::record_batch::RecordBatch],
+) -> std::collections::BTreeMap<i64, (Customer, String)> {
+    let mut rows = std::collections::BTreeMap::new();
+    for b in batches {
+        for r in 0..b.num_rows() {
+            let id = values::int(b, "id", r);
+            let customer = customer_at(b, r);
+            let key = values::string(b, "__key", r).expect("__key");
+            assert_eq!(key, format!(r#"{{"id":{id}}}"#));
+            let seq = values::string(b, "__sequence", r).expect("__sequence");
+            assert!(
+                rows.insert(id, (customer, seq)).is_none(),
+                "id {id} twice in silver"
+            );
+        }
+    }
+    rows
+}
+
+fn customer_at(b: &arrow::record_batch::RecordBatch, r: usize) -> Customer {
+    use arrow::array::AsArray as _;
+    let signup = b
+        .column_by_name("signup")
+        .expect("signup")
+        .as_primitive::<arrow::datatypes::Date32Type>()
+        .value(r);
+    Customer {
+        name: values::string(b, "name", r).expect("name"),
+        region: values::string(b, "region", r).expect("region"),
+        balance_cents: values::decimal(b, "balance", r, 2) as i64,
+        visits: values::int(b, "visits", r),
+        signup_days: signup,
+    }
+}
+
+/// The SCD2 history the changes imply: per id, (customer, start, end) with a new version only
+/// when name, region or balance change.
+fn expected_history(
+    changes: &[SourceChange],
+) -> std::collections::BTreeSet<(i64, Customer, u64, Option<u64>)> {
+    let mut open: std::collections::BTreeMap<i64, (Customer, u64)> = Default::default();
+    let mut history = std::collections::BTreeSet::new();
+    for c in changes {
+        let Some(id) = c.id else { continue };
+        let current = open.remove(&id);
+        match (&c.after, current) {
+            (Some(after), Some((row, start)))
+                if (&row.name, &row.region, row.balance_cents)
+                    == (&after.name, &after.region, after.balance_cents) =>
+            {
+                open.insert(id, (after.clone(), start));
+            }
+            (Some(after), current) => {
+                if let Some((row, start)) = current {
+                    history.insert((id, row, start, Some(c.position)));
+                }
+                open.insert(id, (after.clone(), c.position));
+            }
+            (None, Some((row, start))) => {
+                history.insert((id, row, start, Some(c.position)));
+            }
+            (None, None) => {}
+        }
+    }
+    for (id, (row, start)) in open {
+        history.insert((id, row, start, None));
+    }
+    history
+}
+
+fn apply_spec(bootstrap: &str, schema: &str) -> String {
+    format!(
+        r#"
+name: cdc_apply
+sources:
+  - name: customers_pg
+    format: kafka-debezium
+    kafka: {{ brokers: "{bootstrap}", topics: [pg.public.customers], max_batch_rows: 1000, idle_ms: 1500 }}
+  - name: customers_my
+    format: kafka-debezium
+    kafka: {{ brokers: "{bootstrap}", topics: [my.shop.customers], max_batch_rows: 1000, idle_ms: 1500 }}
+silver:
+  - name: customers
+    from: bronze.customers_pg
+    apply_changes: {{ stored_as: scd1, buckets: 8 }}
+    columns: &customer
+      - {{ name: id, type: int64 }}
+      - {{ name: name, type: string }}
+      - {{ name: region, type: string }}
+      - {{ name: balance, type: "decimal(12,2)" }}
+      - {{ name: visits, type: int64 }}
+      - {{ name: signup, type: date }}
+  - name: customers_history
+    from: bronze.customers_pg
+    apply_changes: {{ stored_as: scd2, track_history_on: [name, region, balance] }}
+    columns: *customer
+  - name: customers_mysql
+    from: bronze.customers_my
+    apply_changes: {{ stored_as: scd1 }}
+    columns: *customer
+gold:
+  - name: balance_by_region
+    sql: SELECT region, COUNT(*) AS customers, SUM(balance) AS balance FROM customers GROUP BY region
+    warehouse: {{ table: {schema}.balance_by_region, mode: merge, keys: [region] }}
+warehouse:
+  postgres: {{ url_env: MEDALLION_WAREHOUSE_URL }}
+"#
+    )
+}
+
+/// Checks every silver table and the warehouse against the source tables' states.
+async fn assert_applied(
+    cluster: &Cluster,
+    pg_state: &std::collections::BTreeMap<i64, Customer>,
+    pg_changes: &[SourceChange],
+    my_state: &std::collections::BTreeMap<i64, Customer>,
+    schema: &str,
+) {
+    let silver = scd1_rows(&cluster.read("silver.customers").await.expect("read silver"));
+    let got: std::collections::BTreeMap<i64, Customer> =
+        silver.iter().map(|(id, (c, _))| (*id, c.clone())).collect();
+    assert_eq!(
+        &got, pg_state,
+        "silver.customers differs from the source table"
+    );
+    // Each row carries the position of the last change of its key.
+    for (id, (_, seq)) in &silver {
+        let last = pg_changes
+            .iter()
+            .rev()
+            .find(|c| c.id == Some(*id))
+            .expect("a change of the key");
+        assert_eq!(
+            seq.parse::<u64>().expect("numeric LSN sequence"),
+            last.position
+        );
+    }
+    let mysql = scd1_rows(&cluster.read("silver.customers_mysql").await.expect("read"));
+    let got: std::collections::BTreeMap<i64, Customer> =
+        mysql.into_iter().map(|(id, (c, _))| (id, c)).collect();
+    assert_eq!(
+        &got, my_state,
+        "silver.customers_mysql differs from the source table"
+    );
+
+    let mut history = std::collections::BTreeSet::new();
+    for b in cluster
+        .read("silver.customers_history")
+        .await
+        .expect("read history")
+    {
+        for r in 0..b.num_rows() {
+            let position = |name: &str| {
+                values::string(&b, name, r).map(|s| s.parse::<u64>().expect("numeric sequence"))
+            };
+            history.insert((
+                values::int(&b, "id", r),
+                customer_at(&b, r),
+                position("__start_at").expect("__start_at"),
+                position("__end_at"),
+            ));
+        }
+    }
+    let expected = expected_history(pg_changes);
+    assert_eq!(history.len(), expected.len(), "SCD2 version count");
+    assert_eq!(history, expected, "SCD2 history differs");
+
+    let (client, connection) =
+        tokio_postgres::connect(&medallion_tests::postgres_url(), tokio_postgres::NoTls)
+            .await
+            .expect("connect to PostgreSQL");
+    tokio::spawn(connection);
+    let rows = client
+        .query(
+            &format!(r#"SELECT region, customers, (balance * 100)::bigint FROM "{schema}".balance_by_region"#),
+            &[],
+        )
+        .await
+        .expect("query warehouse");
+    let got: std::collections::BTreeMap<String, (i64, i64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                (r.get::<_, i64>(1), r.get::<_, i64>(2)),
+            )
+        })
+        .collect();
+    let mut want: std::collections::BTreeMap<String, (i64, i64)> = Default::default();
+    for c in pg_state.values() {
+        let e = want.entry(c.region.clone()).or_default();
+        e.0 += 1;
+        e.1 += c.balance_cents;
+    }
+    assert_eq!(got, want, "warehouse gold differs");
+}
+
+/// Files of a silver table: path -> (bucket, hidden).
+async fn silver_files(
+    cluster: &Cluster,
+    table: &str,
+) -> std::collections::BTreeMap<String, String> {
+    let snapshot = medallion_lake::Lake::open(
+        &cluster.lake_dir().display().to_string(),
+        Default::default(),
+    )
+    .expect("lake")
+    .snapshot(medallion_lake::Layer::Silver, table, None)
+    .await
+    .expect("snapshot")
+    .expect("table exists");
+    snapshot
+        .files
+        .iter()
+        .chain(&snapshot.hidden)
+        .map(|f| {
+            (
+                f.path.clone(),
+                f.tags.get("medallion.bucket").cloned().expect("bucket tag"),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn debezium_changes_apply_to_silver_scd1_scd2_and_gold_in_postgres() {
+    let broker = Broker::start().await.expect("broker");
+    broker
+        .create_topic("pg.public.customers", PARTITIONS)
+        .await
+        .expect("topic");
+    broker
+        .create_topic("my.shop.customers", PARTITIONS)
+        .await
+        .expect("topic");
+    let cluster = Cluster::start(Some(medallion_tests::postgres_url()))
+        .await
+        .expect("cluster");
+    let schema = medallion_tests::unique_name("cdc");
+    cluster
+        .apply(&apply_spec(&broker.bootstrap, &schema))
+        .await
+        .expect("apply");
+
+    let mut rng = Rng(0x5eed_cafe_f00d_1234);
+    let (mut pg_state, mut my_state) = (Default::default(), Default::default());
+    let (mut pg_position, mut my_position) = (1000u64, 1000u64);
+    let mut pg_changes = generate(&mut rng, &mut pg_state, &mut pg_position, 2500, 300);
+    let my_changes = generate(&mut rng, &mut my_state, &mut my_position, 1500, 200);
+    deliver(
+        &broker,
+        "pg.public.customers",
+        &pg_changes,
+        false,
+        200,
+        &mut rng,
+    )
+    .await;
+    deliver(
+        &broker,
+        "my.shop.customers",
+        &my_changes,
+        true,
+        100,
+        &mut rng,
+    )
+    .await;
+    // Malformed: bad JSON, no op, an unknown op (kept by the ingestor with the error), and a
+    // row image that does not fit the declared types (found by the refiner).
+    for bad in [
+        "{not json".to_string(),
+        r#"{"after":{"id":1},"source":{"connector":"postgresql","lsn":5}}"#.to_string(),
+        r#"{"after":{"id":1},"op":"x","source":{"connector":"postgresql","lsn":5}}"#.to_string(),
+        r#"{"before":null,"after":{"id":999999,"name":"x","region":"north","balance":"lots","visits":0,"signup":1},"source":{"connector":"postgresql","lsn":7},"op":"c"}"#.to_string(),
+    ] {
+        broker
+            .send("pg.public.customers", 0, r#"{"id":999999}"#, Some(&bad))
+            .await
+            .expect("produce");
+    }
+    let (run, _) = cluster.run("cdc_apply", false).await.expect("run 1");
+    assert!(succeeded(&run), "{run:?}");
+    assert_applied(&cluster, &pg_state, &pg_changes, &my_state, &schema).await;
+    let dead = cluster
+        .read("quarantine.customers")
+        .await
+        .expect("dead letters");
+    assert_eq!(values::rows(&dead), 4, "dead letters");
+    let errors: Vec<String> = dead
+        .iter()
+        .flat_map(|b| {
+            (0..b.num_rows()).map(move |r| values::string(b, "_error", r).expect("error"))
+        })
+        .collect();
+    assert!(errors.iter().any(|e| e.contains("not JSON")), "{errors:?}");
+    assert!(errors.iter().any(|e| e.contains("balance")), "{errors:?}");
+
+    // More changes, late duplicates, and a truncate of the MySQL table in the middle.
+    let more = generate(&mut rng, &mut pg_state, &mut pg_position, 2500, 300);
+    deliver(&broker, "pg.public.customers", &more, false, 300, &mut rng).await;
+    pg_changes.extend(more);
+    let before_truncate = generate(&mut rng, &mut my_state, &mut my_position, 300, 200);
+    my_position += 8;
+    let truncate = SourceChange {
+        position: my_position,
+        id: None,
+        op: "t",
+        before: None,
+        after: None,
+    };
+    my_state.clear();
+    let after_truncate = generate(&mut rng, &mut my_state, &mut my_position, 400, 200);
+    let mut my_round = before_truncate;
+    my_round.push(truncate);
+    my_round.extend(after_truncate);
+    deliver(&broker, "my.shop.customers", &my_round, true, 0, &mut rng).await;
+    let (run, _) = cluster.run("cdc_apply", false).await.expect("run 2");
+    assert!(succeeded(&run), "{run:?}");
+    assert_applied(&cluster, &pg_state, &pg_changes, &my_state, &schema).await;
+
+    // Nothing new: silver commits nothing.
+    let (run, _) = cluster.run("cdc_apply", false).await.expect("run 3");
+    assert!(succeeded(&run), "{run:?}");
+    assert!(
+        !task(&run, "silver.customers")
+            .manifest
+            .as_ref()
+            .expect("m")
+            .committed
+    );
+
+    // A one-row change rewrites only the files of its key's bucket.
+    let files_before = silver_files(&cluster, "customers").await;
+    let one = generate(&mut rng, &mut pg_state, &mut pg_position, 1, 300);
+    deliver(&broker, "pg.public.customers", &one, false, 0, &mut rng).await;
+    pg_changes.extend(one);
+    let (run, _) = cluster.run("cdc_apply", false).await.expect("run 4");
+    assert!(succeeded(&run), "{run:?}");
+    let files_after = silver_files(&cluster, "customers").await;
+    let changed: BTreeSet<&String> = files_before
+        .iter()
+        .filter(|(path, _)| !files_after.contains_key(*path))
+        .chain(
+            files_after
+                .iter()
+                .filter(|(path, _)| !files_before.contains_key(*path)),
+        )
+        .map(|(_, bucket)| bucket)
+        .collect();
+    assert_eq!(
+        changed.len(),
+        1,
+        "buckets rewritten by a one-row change: {changed:?}"
+    );
+    let buckets: BTreeSet<&String> = files_after.values().collect();
+    assert!(
+        buckets.len() > 4,
+        "keys spread over the buckets: {buckets:?}"
+    );
+    assert_applied(&cluster, &pg_state, &pg_changes, &my_state, &schema).await;
+}
+
+/// The pipeline as `GetPipeline` reports it.
+async fn pipeline(cluster: &Cluster, name: &str) -> medallion_proto::v1::Pipeline {
+    cluster
+        .client()
+        .await
+        .expect("client")
+        .get_pipeline(medallion_proto::v1::GetPipelineRequest { name: name.into() })
+        .await
+        .expect("get pipeline")
+        .into_inner()
+}
+
+/// Waits until silver.customers equals `state` (the streaming runs apply on their own).
+async fn wait_for_silver(cluster: &Cluster, state: &std::collections::BTreeMap<i64, Customer>) {
+    let mut last = None;
+    for _ in 0..240 {
+        if let Ok(batches) = cluster.read("silver.customers").await {
+            let got: std::collections::BTreeMap<i64, Customer> = scd1_rows(&batches)
+                .into_iter()
+                .map(|(id, (c, _))| (id, c))
+                .collect();
+            if &got == state {
+                return;
+            }
+            last = Some(got.len());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    panic!("silver never caught up with the source (last saw {last:?} rows)");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_streaming_pipeline_applies_changes_on_its_own_and_pauses() {
+    let broker = Broker::start().await.expect("broker");
+    broker
+        .create_topic("pg.public.customers", PARTITIONS)
+        .await
+        .expect("topic");
+    let cluster = Cluster::start(None).await.expect("cluster");
+    let spec = format!(
+        r#"
+name: stream
+mode: streaming
+sources:
+  - name: customers_pg
+    format: kafka-debezium
+    kafka: {{ brokers: "{}", topics: [pg.public.customers], idle_ms: 300, max_task_ms: 500 }}
+silver:
+  - name: customers
+    from: bronze.customers_pg
+    apply_changes: {{ stored_as: scd1 }}
+    columns:
+      - {{ name: id, type: int64 }}
+      - {{ name: name, type: string }}
+      - {{ name: region, type: string }}
+      - {{ name: balance, type: "decimal(12,2)" }}
+      - {{ name: visits, type: int64 }}
+      - {{ name: signup, type: date }}
+gold:
+  - name: by_region
+    sql: SELECT region, COUNT(*) AS customers FROM customers GROUP BY region
+"#,
+        broker.bootstrap
+    );
+    cluster.apply(&spec).await.expect("apply");
+    let mut rng = Rng(42);
+    let mut state = Default::default();
+    let mut position = 1000u64;
+    let changes = generate(&mut rng, &mut state, &mut position, 600, 100);
+    deliver(
+        &broker,
+        "pg.public.customers",
+        &changes,
+        false,
+        50,
+        &mut rng,
+    )
+    .await;
+    wait_for_silver(&cluster, &state).await;
+
+    let p = pipeline(&cluster, "stream").await;
+    assert_eq!(p.mode, "streaming");
+    let fresh: BTreeSet<String> = p
+        .freshness
+        .iter()
+        .filter_map(|f| f.table.as_ref().map(medallion_tests::table_name))
+        .collect();
+    assert_eq!(
+        fresh,
+        BTreeSet::from([
+            "bronze.customers_pg".into(),
+            "silver.customers".into(),
+            "gold.by_region".into()
+        ])
+    );
+    let bronze = p
+        .freshness
+        .iter()
+        .find(|f| {
+            f.table.as_ref().map(medallion_tests::table_name).as_deref()
+                == Some("bronze.customers_pg")
+        })
+        .expect("bronze freshness");
+    assert!(bronze.source_lag >= 0, "the ingestor reports the Kafka lag");
+    assert!(bronze.committed_at_ms > 0 && bronze.age_ms >= 0);
+
+    // Paused: once the run in progress ends, no run starts and new changes wait.
+    let mut client = cluster.client().await.expect("client");
+    let paused = client
+        .set_pipeline_paused(medallion_proto::v1::SetPipelinePausedRequest {
+            name: "stream".into(),
+            paused: true,
+        })
+        .await
+        .expect("pause")
+        .into_inner();
+    assert!(paused.paused);
+    for _ in 0..120 {
+        if pipeline(&cluster, "stream").await.active_run_id.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let silver_version = |p: &medallion_proto::v1::Pipeline| {
+        p.freshness
+            .iter()
+            .find(|f| {
+                f.table.as_ref().map(medallion_tests::table_name).as_deref()
+                    == Some("silver.customers")
+            })
+            .map(|f| f.version)
+    };
+    let before = silver_version(&pipeline(&cluster, "stream").await);
+    let more = generate(&mut rng, &mut state, &mut position, 200, 100);
+    deliver(&broker, "pg.public.customers", &more, false, 0, &mut rng).await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let p = pipeline(&cluster, "stream").await;
+    assert!(
+        p.active_run_id.is_empty(),
+        "a paused pipeline started a run"
+    );
+    assert_eq!(silver_version(&p), before);
+
+    client
+        .set_pipeline_paused(medallion_proto::v1::SetPipelinePausedRequest {
+            name: "stream".into(),
+            paused: false,
+        })
+        .await
+        .expect("resume");
+    wait_for_silver(&cluster, &state).await;
+}

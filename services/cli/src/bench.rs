@@ -14,7 +14,7 @@ use crate::{demo, display, stack};
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// The benchmark: `tpch` (batch pipeline, services against polars in one process) or `cdc`
-    /// (Debezium events from Kafka into bronze; needs --brokers).
+    /// (Debezium events from Kafka through bronze, silver and gold; needs --brokers).
     #[arg(value_parser = ["tpch", "cdc"])]
     pub which: String,
     #[arg(long, default_value_t = 1.0)]
@@ -41,6 +41,12 @@ pub struct BenchArgs {
     /// cdc: topic partitions.
     #[arg(long, default_value_t = 3)]
     pub partitions: i32,
+    /// cdc: events per second produced while the pipeline streams (latency phase).
+    #[arg(long, default_value_t = 20_000)]
+    pub rate: u64,
+    /// cdc: seconds of the latency phase.
+    #[arg(long, default_value_t = 30)]
+    pub latency_secs: u64,
 }
 
 /// Triggers a run of `pipeline`, shows its progress until it ends and returns it.

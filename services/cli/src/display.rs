@@ -239,6 +239,43 @@ pub fn print_run(run: &pb::Run) {
     }
 }
 
+/// A pipeline's mode and every table's latest version, age and source lag.
+pub fn print_status(p: &pb::Pipeline) {
+    let state = match (p.paused, p.active_run_id.is_empty()) {
+        (true, _) => "paused".to_string(),
+        (false, false) => format!("running {}", p.active_run_id),
+        (false, true) => "idle".to_string(),
+    };
+    let schedule = if p.schedule.is_empty() {
+        String::new()
+    } else {
+        format!(", schedule {}", p.schedule)
+    };
+    println!(
+        "{} (revision {}, {}{schedule}): {state}",
+        p.name, p.revision, p.mode
+    );
+    println!(
+        "{:<36} {:>8} {:>12} {:>12}",
+        "table", "version", "age", "kafka lag"
+    );
+    for f in &p.freshness {
+        let age = if f.age_ms < 0 {
+            "-".to_string()
+        } else {
+            format!("{:.1} s", f.age_ms as f64 / 1000.0)
+        };
+        let lag = u64::try_from(f.source_lag).map_or_else(|_| "-".to_string(), thousands);
+        println!(
+            "{:<36} {:>8} {:>12} {:>12}",
+            name(&f.table),
+            f.version,
+            age,
+            lag
+        );
+    }
+}
+
 pub fn print_runs(runs: &[pb::Run]) {
     println!(
         "{:<38} {:<16} {:<10} {:<20} {:>8}",

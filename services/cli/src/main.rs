@@ -108,6 +108,12 @@ enum Command {
     Show { run: String },
     /// List the pipelines the coordinator holds.
     Pipelines,
+    /// Show a pipeline: mode, schedule, and every table's latest version, age and Kafka lag.
+    Status { pipeline: String },
+    /// Pause a pipeline's schedule or streaming (a run in progress finishes).
+    Pause { pipeline: String },
+    /// Resume a paused pipeline.
+    Resume { pipeline: String },
     /// Print a table (`layer.table`) read over Arrow Flight from its layer's service.
     Query(display::QueryArgs),
     /// Write TPC-H lineitem and orders CSV files (with headers) under DIR/data/{lineitem,orders}/.
@@ -123,6 +129,26 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Generate TPC-H data, start the services, run examples/tpch.yaml and print the gold tables.
     Demo(demo::DemoArgs),
+}
+
+/// Pauses or resumes a pipeline and says which.
+async fn set_paused(
+    coordinator: &str,
+    access: &Access,
+    pipeline: String,
+    paused: bool,
+) -> anyhow::Result<()> {
+    let mut client = connect(coordinator, access).await?;
+    let p = client
+        .set_pipeline_paused(pb::SetPipelinePausedRequest {
+            name: pipeline,
+            paused,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    println!("{} {}", p.name, if p.paused { "paused" } else { "resumed" });
+    Ok(())
 }
 
 async fn connect(endpoint: &str, access: &Access) -> anyhow::Result<Client> {
@@ -285,14 +311,30 @@ async fn main() -> anyhow::Result<()> {
                 } else {
                     format!("  running {}", p.active_run_id)
                 };
+                let paused = if p.paused { "  paused" } else { "" };
                 println!(
-                    "{:<24} revision {:<4} {} tables{active}",
+                    "{:<24} revision {:<4} {:<9} {} tables{paused}{active}",
                     p.name,
                     p.revision,
+                    p.mode,
                     p.tables.len()
                 );
             }
             Ok(())
+        }
+        Command::Status { pipeline } => {
+            let mut client = connect(&cli.coordinator, &access).await?;
+            let p = client
+                .get_pipeline(pb::GetPipelineRequest { name: pipeline })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            display::print_status(&p);
+            Ok(())
+        }
+        Command::Pause { pipeline } => set_paused(&cli.coordinator, &access, pipeline, true).await,
+        Command::Resume { pipeline } => {
+            set_paused(&cli.coordinator, &access, pipeline, false).await
         }
         Command::Query(args) => display::query(args, &access.tls).await,
         Command::GenTpch {

@@ -21,9 +21,33 @@ fn table_pb(name: &str) -> Option<pb::TableId> {
     name.parse::<TableRef>().ok().map(|t| table_to_pb(&t))
 }
 
-fn pipeline_pb(p: &PipelineRecord, active_run_id: Option<String>) -> pb::Pipeline {
+fn pipeline_pb(engine: &Engine, p: &PipelineRecord) -> pb::Pipeline {
     let parsed = Pipeline::parse(&p.spec_yaml).ok();
+    let now = crate::engine::now_ms();
+    let freshness = engine
+        .freshness(&p.name)
+        .into_iter()
+        .map(|f| pb::TableFreshness {
+            table: table_pb(&f.table),
+            version: f.version,
+            committed_at_ms: f.committed_at_ms,
+            age_ms: if f.committed_at_ms > 0 {
+                (now - f.committed_at_ms).max(0)
+            } else {
+                -1
+            },
+            source_lag: f
+                .source_lag
+                .map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX)),
+        })
+        .collect();
     pb::Pipeline {
+        mode: match parsed.as_ref().map(|pl| pl.spec.mode) {
+            Some(medallion_spec::PipelineMode::Streaming) => "streaming".into(),
+            _ => "batch".into(),
+        },
+        paused: p.paused,
+        freshness,
         name: p.name.clone(),
         revision: p.revision,
         spec_yaml: p.spec_yaml.clone(),
@@ -45,7 +69,7 @@ fn pipeline_pb(p: &PipelineRecord, active_run_id: Option<String>) -> pb::Pipelin
         schedule: parsed
             .and_then(|pl| pl.spec.schedule.map(|s| s.cron().to_string()))
             .unwrap_or_default(),
-        active_run_id: active_run_id.unwrap_or_default(),
+        active_run_id: engine.active_run(&p.name).unwrap_or_default(),
     }
 }
 
@@ -206,8 +230,7 @@ impl pb::pipeline_service_server::PipelineService for PipelineApi {
     ) -> Result<Response<pb::Pipeline>, Status> {
         let r = request.into_inner();
         let record = self.engine.apply(&r.spec_yaml, &r.base_dir)?;
-        let active = self.engine.active_run(&record.name);
-        Ok(Response::new(pipeline_pb(&record, active)))
+        Ok(Response::new(pipeline_pb(&self.engine, &record)))
     }
 
     async fn get_pipeline(
@@ -216,10 +239,7 @@ impl pb::pipeline_service_server::PipelineService for PipelineApi {
     ) -> Result<Response<pb::Pipeline>, Status> {
         let name = request.into_inner().name;
         let record = self.engine.pipeline(&name)?;
-        Ok(Response::new(pipeline_pb(
-            &record,
-            self.engine.active_run(&name),
-        )))
+        Ok(Response::new(pipeline_pb(&self.engine, &record)))
     }
 
     async fn list_pipelines(
@@ -230,7 +250,7 @@ impl pb::pipeline_service_server::PipelineService for PipelineApi {
             .engine
             .pipelines()
             .iter()
-            .map(|p| pipeline_pb(p, self.engine.active_run(&p.name)))
+            .map(|p| pipeline_pb(&self.engine, p))
             .collect();
         Ok(Response::new(pb::ListPipelinesResponse { pipelines }))
     }
@@ -330,6 +350,15 @@ impl pb::pipeline_service_server::PipelineService for PipelineApi {
         Ok(Response::new(run_pb(
             &self.engine.cancel(&request.into_inner().run_id)?,
         )))
+    }
+
+    async fn set_pipeline_paused(
+        &self,
+        request: Request<pb::SetPipelinePausedRequest>,
+    ) -> Result<Response<pb::Pipeline>, Status> {
+        let r = request.into_inner();
+        let record = self.engine.set_paused(&r.name, r.paused)?;
+        Ok(Response::new(pipeline_pb(&self.engine, &record)))
     }
 }
 

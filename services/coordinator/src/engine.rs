@@ -180,6 +180,7 @@ impl Engine {
         }
         let revision = state.pipelines.get(&name).map_or(1, |p| p.revision + 1);
         let last_tick_ms = state.pipelines.get(&name).and_then(|p| p.last_tick_ms);
+        let paused = state.pipelines.get(&name).is_some_and(|p| p.paused);
         let record = PipelineRecord {
             name: name.clone(),
             revision,
@@ -187,6 +188,7 @@ impl Engine {
             base_dir: base_dir.to_string(),
             applied_at_ms: now_ms(),
             last_tick_ms,
+            paused,
         };
         self.store.save_pipeline(&record)?;
         state.pipelines.insert(name, record.clone());
@@ -221,6 +223,64 @@ impl Engine {
 
     pub fn active_run(&self, pipeline: &str) -> Option<String> {
         active_run(&self.state(), pipeline)
+    }
+
+    /// Pauses or resumes the pipeline's schedule or streaming (kept across restarts).
+    pub fn set_paused(&self, pipeline: &str, paused: bool) -> Result<PipelineRecord> {
+        let mut state = self.state();
+        let p = state
+            .pipelines
+            .get_mut(pipeline)
+            .ok_or_else(|| EngineError::NotFound(format!("no pipeline named `{pipeline}`")))?;
+        p.paused = paused;
+        self.store.save_pipeline(p)?;
+        Ok(p.clone())
+    }
+
+    /// Every table's latest version as the pipeline's runs on record left it, newest first.
+    pub fn freshness(&self, pipeline: &str) -> Vec<TableFreshness> {
+        let mut tables: BTreeMap<String, TableFreshness> = BTreeMap::new();
+        for run in self.runs(pipeline, usize::MAX) {
+            for task in &run.tasks {
+                let Some(m) = &task.manifest else { continue };
+                let entry = tables
+                    .entry(task.table.clone())
+                    .or_insert_with(|| TableFreshness {
+                        table: task.table.clone(),
+                        version: m.version,
+                        committed_at_ms: 0,
+                        source_lag: m.source_lag,
+                    });
+                if entry.committed_at_ms == 0 && m.committed && m.version == entry.version {
+                    entry.committed_at_ms = task.finished_at_ms;
+                }
+            }
+        }
+        tables.into_values().collect()
+    }
+
+    /// Forgets all but the newest `keep` finished runs of `pipeline` started by `trigger`
+    /// (continuous streaming would otherwise pile up a run record per micro-batch).
+    pub fn prune_runs(&self, pipeline: &str, trigger: &str, keep: usize) {
+        let mut state = self.state();
+        let mut finished: Vec<(i64, u64, String)> = state
+            .runs
+            .values()
+            .filter(|r| r.pipeline == pipeline && r.trigger == trigger && r.state.is_finished())
+            .map(|r| (r.created_at_ms, r.sequence, r.id.clone()))
+            .collect();
+        if finished.len() <= keep {
+            return;
+        }
+        finished.sort();
+        let excess = finished.len() - keep;
+        for (_, _, id) in finished.into_iter().take(excess) {
+            if let Err(e) = self.store.delete_run(&id) {
+                tracing::warn!(run = %id, "cannot forget an old run: {e}");
+                continue;
+            }
+            state.runs.remove(&id);
+        }
     }
 
     pub fn set_last_tick(&self, pipeline: &str, at_ms: i64) -> Result<()> {
@@ -881,6 +941,17 @@ fn active_run(state: &State, pipeline: &str) -> Option<String> {
         .map(|r| r.id.clone())
 }
 
+/// One table's latest version, per [`Engine::freshness`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableFreshness {
+    /// `layer.name`.
+    pub table: String,
+    pub version: i64,
+    /// Finish time of the task that committed `version`; 0 if no run on record did.
+    pub committed_at_ms: i64,
+    pub source_lag: Option<u64>,
+}
+
 pub fn action_name(action: i32) -> &'static str {
     match pb::ExpectationAction::try_from(action) {
         Ok(pb::ExpectationAction::Drop) => "drop",
@@ -905,6 +976,7 @@ fn manifest_record(m: &pb::TaskManifest) -> ManifestRecord {
         quarantined_rows: m.quarantined_rows,
         source_files: m.source_files.clone(),
         input_versions: m.input_versions.clone().into_iter().collect(),
+        source_lag: u64::try_from(m.source_lag).ok(),
         expectations: m
             .expectations
             .iter()
@@ -936,5 +1008,6 @@ pub fn to_domain_manifest(table: &TableRef, m: &ManifestRecord) -> medallion_sta
         quarantined_rows: m.quarantined_rows,
         source_files: m.source_files.clone(),
         input_versions: m.input_versions.clone(),
+        source_lag: m.source_lag,
     }
 }

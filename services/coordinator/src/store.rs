@@ -37,6 +37,9 @@ pub struct PipelineRecord {
     /// Last schedule tick that started (or was skipped for) a run, for catch-up after restarts.
     #[serde(default)]
     pub last_tick_ms: Option<i64>,
+    /// Paused: neither the schedule nor streaming starts runs.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +86,8 @@ pub struct ManifestRecord {
     pub source_files: Vec<String>,
     pub input_versions: BTreeMap<String, i64>,
     pub expectations: Vec<ExpectationRecord>,
+    #[serde(default)]
+    pub source_lag: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -258,6 +263,15 @@ impl Store {
     pub fn save_run(&self, r: &RunRecord) -> Result<()> {
         self.write_atomic(&self.dir.join("runs").join(format!("{}.json", r.id)), r)
     }
+
+    pub fn delete_run(&self, id: &str) -> Result<()> {
+        let path = self.dir.join("runs").join(format!("{id}.json"));
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -275,6 +289,7 @@ mod tests {
             base_dir: "/x".into(),
             applied_at_ms: 5,
             last_tick_ms: None,
+            paused: false,
         };
         store.save_pipeline(&p).expect("save");
         let store = Store::open(dir.path()).expect("reopen");

@@ -276,17 +276,27 @@ pub async fn run(
     let mut last_outcome: Option<CommitOutcome> = None;
     let (mut total, mut commits) = (0u64, 0u64);
     let mut batch = BatchBuilder::new();
+    // With `max_task_ms`, the task ends that long after its first message.
+    let budget = (kafka.max_task_ms > 0).then(|| Duration::from_millis(kafka.max_task_ms));
+    let mut deadline: Option<tokio::time::Instant> = None;
     loop {
+        let sleep = match deadline {
+            Some(d) => wait.min(d.saturating_duration_since(tokio::time::Instant::now())),
+            None => wait,
+        };
         let message = tokio::select! {
             m = consumer.recv() => Some(m),
-            _ = tokio::time::sleep(wait) => None,
+            _ = tokio::time::sleep(sleep) => None,
             _ = cancel.cancelled() => return Err(TaskError::Cancelled),
         };
-        let caught_up = match message {
+        let done = match message {
             Some(Ok(message)) => {
                 batch.push(&message, &options);
                 wait = idle;
-                false
+                if deadline.is_none() {
+                    deadline = budget.map(|b| tokio::time::Instant::now() + b);
+                }
+                deadline.is_some_and(|d| tokio::time::Instant::now() >= d)
             }
             Some(Err(e)) => {
                 return Err(TaskError::Invalid(format!(
@@ -296,7 +306,7 @@ pub async fn run(
             None => true,
         };
         let full = batch.rows >= kafka.max_batch_rows;
-        if (caught_up || full) && !batch.last.is_empty() {
+        if (done || full) && !batch.last.is_empty() {
             let rows = batch.rows as u64;
             let outcome = commit(lake, task, name, &mut batch, overwrite).await?;
             overwrite = false;
@@ -305,18 +315,19 @@ pub async fn run(
             last_outcome = Some(outcome);
             progress.report(&format!("{commits} commits"), total, 0, false);
         }
-        if caught_up {
+        if done {
             break;
         }
     }
-    match (last_outcome, &current) {
+    let source_lag = source_lag(consumer.clone(), assignment).await;
+    let mut manifest = match (last_outcome, &current) {
         (Some(outcome), _) => {
             // The manifest of the last commit, counting the rows of every commit of the task.
             let mut manifest = Manifest::after_commit(lake, &task.table, &outcome).await?;
             manifest.rows_written = total;
-            Ok(manifest)
+            manifest
         }
-        (None, Some(snapshot)) if !task.full_refresh => Ok(Manifest::of_snapshot(snapshot, false)),
+        (None, Some(snapshot)) if !task.full_refresh => Manifest::of_snapshot(snapshot, false),
         // Nothing to read yet: an empty table, so downstream tables have their input.
         (None, _) => {
             let writer = lake
@@ -329,9 +340,38 @@ pub async fn run(
                 vec![(format!("kafka:{name}"), 0)],
             );
             let outcome = writer.commit(spec).await.map_err(TaskError::internal)?;
-            Manifest::after_commit(lake, &task.table, &outcome).await
+            Manifest::after_commit(lake, &task.table, &outcome).await?
         }
-    }
+    };
+    manifest.source_lag = source_lag;
+    Ok(manifest)
+}
+
+/// Messages the assigned partitions hold beyond what the consumer has read (high watermark
+/// minus next offset, summed); `None` if the broker cannot say.
+async fn source_lag(consumer: Arc<StreamConsumer>, assignment: TopicPartitionList) -> Option<u64> {
+    tokio::task::spawn_blocking(move || {
+        let position = consumer.position().ok()?;
+        let mut lag = 0u64;
+        for start in assignment.elements() {
+            let (topic, partition) = (start.topic(), start.partition());
+            let (low, high) = consumer
+                .fetch_watermarks(topic, partition, Duration::from_secs(5))
+                .ok()?;
+            let read = position
+                .find_partition(topic, partition)
+                .map(|p| p.offset());
+            let next = match (read, start.offset()) {
+                (Some(Offset::Offset(n)), _) | (_, Offset::Offset(n)) => n,
+                _ => low,
+            };
+            lag += u64::try_from(high - next.max(low)).unwrap_or(0);
+        }
+        Some(lag)
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 fn commit_spec(task: &TaskRequest, mode: WriteMode, mut txns: Vec<(String, i64)>) -> CommitSpec {

@@ -1,8 +1,10 @@
 //! The silver layer: reads bronze over the ingestor's Arrow Flight, applies the spec's typed
 //! columns, filter, expectations, de-duplication and join (or SQL) with polars, and commits
-//! `silver/<table>` (and `quarantine/<table>`) as one Delta commit each. Serves silver and
-//! quarantine over Arrow Flight.
+//! `silver/<table>` (and `quarantine/<table>`) as one Delta commit each. Change events of a
+//! Debezium source are applied by key instead (SCD type 1 or 2, see `apply`). Serves silver
+//! and quarantine over Arrow Flight.
 
+mod apply;
 mod refine;
 pub mod transform;
 

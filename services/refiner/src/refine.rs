@@ -190,6 +190,9 @@ impl TaskRunner for Refiner {
             .ok_or_else(|| {
                 TaskError::Invalid(format!("no silver table named {}", task.table.name))
             })?;
+        if let Some(apply) = &spec.apply_changes {
+            return crate::apply::run(self, &task, &spec, apply, &progress, &cancel).await;
+        }
         let name = spec.name.clone();
         let current = self
             .lake

@@ -28,6 +28,10 @@ pub struct TableTicket {
     /// Only these columns (in table order; unknown names are ignored); `None` reads all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub columns: Option<Vec<String>>,
+    /// Only the data files added after this earlier version (the new rows of an append-only
+    /// table); `partition` then indexes those files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<i64>,
 }
 
 impl TableTicket {
@@ -46,6 +50,15 @@ impl TableTicket {
         }
     }
 
+    /// The same table version, whole, reading only the files added after version `since`.
+    pub fn added_since(&self, since: i64) -> TableTicket {
+        TableTicket {
+            partition: None,
+            since: Some(since),
+            ..self.clone()
+        }
+    }
+
     pub fn decode(bytes: &[u8]) -> Result<TableTicket> {
         serde_json::from_slice(bytes).map_err(|e| Error::BadTicket(e.to_string()))
     }
@@ -58,6 +71,7 @@ impl TableTicket {
             version: snapshot.version,
             partition: None,
             columns: None,
+            since: None,
         };
         if snapshot.files.is_empty() {
             return vec![whole];

@@ -185,15 +185,24 @@ impl FlightService for LayerFlightService {
         let snapshot = self
             .snapshot(ticket.layer, &ticket.table, Some(ticket.version))
             .await?;
+        let candidates = match ticket.since {
+            Some(since) if since >= 0 => {
+                let older = self
+                    .snapshot(ticket.layer, &ticket.table, Some(since))
+                    .await?;
+                snapshot.files_added_since(&older)
+            }
+            _ => snapshot.files.clone(),
+        };
         let files: Vec<_> = match ticket.partition {
-            None => snapshot.files.clone(),
-            Some(i) => vec![snapshot.files.get(i).cloned().ok_or_else(|| {
+            None => candidates,
+            Some(i) => vec![candidates.get(i).cloned().ok_or_else(|| {
                 Status::not_found(format!(
                     "{}.{} version {} has {} partitions, not {}",
                     ticket.layer,
                     ticket.table,
                     ticket.version,
-                    snapshot.files.len(),
+                    candidates.len(),
                     i + 1
                 ))
             })?],

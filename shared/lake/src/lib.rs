@@ -256,8 +256,11 @@ pub struct TableSnapshot {
     pub version: i64,
     /// Arrow schema of the table (strings come back as `Utf8`, whatever was written).
     pub schema: SchemaRef,
-    /// Live data files of this version.
+    /// Live data files of this version that readers see.
     pub files: Vec<DataFile>,
+    /// Live data files tagged [`TAG_HIDDEN`]: kept for the table's writer (e.g. delete
+    /// tombstones of a change table), never served to readers.
+    pub hidden: Vec<DataFile>,
     delta: DeltaTable,
 }
 
@@ -277,7 +280,7 @@ impl TableSnapshot {
     fn from_table(ctx: Ctx, delta: DeltaTable) -> Result<TableSnapshot> {
         let state = delta.snapshot().map_err(ctx.delta("read snapshot"))?;
         let eager = state.snapshot();
-        let files = eager
+        let (hidden, files): (Vec<DataFile>, Vec<DataFile>) = eager
             .try_log_data()
             .map_err(ctx.delta("list files"))?
             .iter()
@@ -295,7 +298,7 @@ impl TableSnapshot {
                         .collect(),
                 }
             })
-            .collect();
+            .partition(DataFile::is_hidden);
         let version = version_i64(state.version());
         let schema = eager.arrow_schema();
         Ok(TableSnapshot {
@@ -304,6 +307,7 @@ impl TableSnapshot {
             version,
             schema,
             files,
+            hidden,
             delta,
         })
     }
@@ -329,6 +333,18 @@ impl TableSnapshot {
                 .project(&indices)
                 .unwrap_or_else(|_| (*self.schema).clone()),
         )
+    }
+
+    /// The visible files of this snapshot that `older` (an earlier version) did not have:
+    /// what an append-only table gained since then.
+    pub fn files_added_since(&self, older: &TableSnapshot) -> Vec<DataFile> {
+        let before: std::collections::HashSet<&str> =
+            older.files.iter().map(|f| f.path.as_str()).collect();
+        self.files
+            .iter()
+            .filter(|f| !before.contains(f.path.as_str()))
+            .cloned()
+            .collect()
     }
 
     /// Bytes of parquet data in the snapshot.
@@ -363,6 +379,16 @@ pub struct DataFile {
     /// Tags given to [`TableWriter::finish_part`] (e.g. the source file it came from).
     pub tags: BTreeMap<String, String>,
 }
+
+impl DataFile {
+    /// Whether the file is tagged [`TAG_HIDDEN`].
+    pub fn is_hidden(&self) -> bool {
+        self.tags.get(TAG_HIDDEN).is_some_and(|v| v == "true")
+    }
+}
+
+/// Data-file tag (value `true`) of files readers never see.
+pub const TAG_HIDDEN: &str = "medallion.hidden";
 
 /// Layer and validated table name, carried for error context.
 #[derive(Debug, Clone)]

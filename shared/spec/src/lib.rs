@@ -92,6 +92,14 @@ impl Pipeline {
                 if silver.sql.is_some() {
                     return None;
                 }
+                if silver.apply_changes.is_some() {
+                    return Some(
+                        crate::CHANGE_COLUMNS
+                            .iter()
+                            .map(|c| c.to_string())
+                            .collect(),
+                    );
+                }
                 if silver.from.as_ref() == Some(input) {
                     for col in silver.columns.as_ref()? {
                         match &col.expr {

@@ -13,6 +13,10 @@ pub struct PipelineSpec {
     /// Cron expression with seconds (`sec min hour day month weekday`), e.g. `0 */15 * * * *`.
     #[serde(default)]
     pub schedule: Option<ScheduleSpec>,
+    /// `batch` runs when triggered or scheduled; `streaming` runs back to back for as long as
+    /// the pipeline is applied and not paused (change sources are read continuously).
+    #[serde(default)]
+    pub mode: PipelineMode,
     /// Timeout, retries and backoff for every task unless a table overrides them.
     #[serde(default)]
     pub defaults: TaskPolicy,
@@ -24,6 +28,15 @@ pub struct PipelineSpec {
     pub gold: Vec<GoldSpec>,
     #[serde(default)]
     pub warehouse: Option<WarehouseSpec>,
+}
+
+/// How a pipeline is driven.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PipelineMode {
+    #[default]
+    Batch,
+    Streaming,
 }
 
 /// When a pipeline runs on its own.
@@ -154,6 +167,11 @@ pub struct KafkaSourceSpec {
     /// A task ends once no message arrived for this long (it has caught up).
     #[serde(default = "default_kafka_idle_ms")]
     pub idle_ms: u64,
+    /// A task commits what it has and ends after this long even while messages keep coming,
+    /// so the layers downstream get their turn (0: only when caught up). Bounds the latency of
+    /// a `mode: streaming` pipeline.
+    #[serde(default)]
+    pub max_task_ms: u64,
 }
 
 fn default_kafka_batch_rows() -> usize {
@@ -332,9 +350,68 @@ pub struct SilverSpec {
     /// polars SQL over the input tables, instead of the declarative form.
     #[serde(default)]
     pub sql: Option<String>,
+    /// Applies the change events of a `kafka-debezium` source (`from`) by key, in sequence
+    /// order, instead of refining rows; `columns` (each with a `type`) are taken from the
+    /// row images.
+    #[serde(default)]
+    pub apply_changes: Option<ApplyChangesSpec>,
     #[serde(default)]
     pub policy: PolicyOverride,
 }
+
+/// How change events become a silver table.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyChangesSpec {
+    /// `scd1`: the current state, one row per key; `scd2`: every version of every key, with
+    /// `__start_at` / `__end_at`.
+    #[serde(default)]
+    pub stored_as: ScdType,
+    /// SCD2 only: a new version starts only when one of these columns changes (other changes
+    /// update the current version in place). Default: every column.
+    #[serde(default)]
+    pub track_history_on: Option<Vec<String>>,
+    /// Keys are spread over this many hash buckets, each in its own files: a change rewrites
+    /// only the buckets of the keys it touches.
+    #[serde(default = "default_change_buckets")]
+    pub buckets: u32,
+}
+
+fn default_change_buckets() -> u32 {
+    16
+}
+
+/// Slowly changing dimension type of an `apply_changes` table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScdType {
+    #[default]
+    Scd1,
+    Scd2,
+}
+
+/// Columns of a `kafka-debezium` source's bronze change table that describe the change.
+pub const CHANGE_COLUMNS: [&str; 10] = [
+    "op",
+    "key",
+    "sequence",
+    "before",
+    "after",
+    "_topic",
+    "_partition",
+    "_offset",
+    "_error",
+    "_value",
+];
+
+/// Row key of an `apply_changes` table: the change's key as JSON text.
+pub const CHANGE_KEY: &str = "__key";
+/// The sequence of the last change whose values the row holds.
+pub const CHANGE_SEQUENCE: &str = "__sequence";
+/// SCD2: the sequence from which a version holds.
+pub const CHANGE_START: &str = "__start_at";
+/// SCD2: the sequence from which a version no longer holds (null: current).
+pub const CHANGE_END: &str = "__end_at";
 
 /// One output column: taken from an input column (optionally renamed), or computed.
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -364,6 +364,12 @@ pub(crate) fn validate(spec: &PipelineSpec) -> Result<Dag, SpecError> {
             )
         })?;
     }
+    if spec.mode == crate::PipelineMode::Streaming && spec.schedule.is_some() {
+        return Err(SpecError::new(
+            "schedule",
+            "a `mode: streaming` pipeline runs continuously; it takes no schedule",
+        ));
+    }
     check_policy("defaults", &spec.defaults)?;
     for (section, policies) in [
         (
@@ -776,6 +782,9 @@ fn silver_columns(checker: &Checker<'_>, i: usize) -> Result<Columns, SpecError>
     if silver.sql.is_some() {
         return Ok(None);
     }
+    if let Some(apply) = &silver.apply_changes {
+        return apply_changes_columns(checker, &base, silver, apply);
+    }
     let input = silver
         .from
         .as_ref()
@@ -880,6 +889,108 @@ fn silver_columns(checker: &Checker<'_>, i: usize) -> Result<Columns, SpecError>
         };
     }
     Ok(output)
+}
+
+/// Checks an `apply_changes` table and returns its output columns: the declared ones, the key
+/// and the sequence columns of its SCD type.
+fn apply_changes_columns(
+    checker: &Checker<'_>,
+    base: &str,
+    silver: &crate::SilverSpec,
+    apply: &crate::ApplyChangesSpec,
+) -> Result<Columns, SpecError> {
+    let is_change_source = silver.from.as_ref().is_some_and(|from| {
+        from.layer == Layer::Bronze
+            && checker
+                .spec
+                .sources
+                .iter()
+                .any(|s| s.name == from.name && s.format == crate::SourceFormat::KafkaDebezium)
+    });
+    if !is_change_source {
+        return Err(SpecError::new(
+            format!("{base}.from"),
+            "`apply_changes` reads the bronze table of a `kafka-debezium` source",
+        ));
+    }
+    let refining = [
+        ("filter", silver.filter.is_some()),
+        ("dedupe", silver.dedupe.is_some()),
+        ("join", silver.join.is_some()),
+        ("expectations", !silver.expectations.is_empty()),
+    ];
+    if let Some((field, _)) = refining.iter().find(|(_, set)| *set) {
+        return Err(SpecError::new(
+            format!("{base}.{field}"),
+            "not available with `apply_changes` (refine the applied table in a further silver table)",
+        ));
+    }
+    if apply.buckets == 0 || apply.buckets > 4096 {
+        return Err(SpecError::new(
+            format!("{base}.apply_changes.buckets"),
+            "must be between 1 and 4096",
+        ));
+    }
+    let columns = silver.columns.as_ref().ok_or_else(|| {
+        SpecError::new(
+            format!("{base}.columns"),
+            "`apply_changes` needs the columns to take from the row images, each with a `type`",
+        )
+    })?;
+    let mut out = BTreeSet::new();
+    for (j, col) in columns.iter().enumerate() {
+        let path = format!("{base}.columns[{j}]");
+        if !is_identifier(&col.name) || col.name.starts_with("__") {
+            return Err(SpecError::new(
+                format!("{path}.name"),
+                format!(
+                    "`{}` is not a valid column name here (names starting with `__` are the table's own)",
+                    col.name
+                ),
+            ));
+        }
+        if col.expr.is_some() {
+            return Err(SpecError::new(
+                format!("{path}.expr"),
+                "`apply_changes` takes columns from the row images; compute in a further silver table",
+            ));
+        }
+        if col.data_type.is_none() {
+            return Err(SpecError::new(
+                format!("{path}.type"),
+                "`apply_changes` columns need a type",
+            ));
+        }
+        if !out.insert(col.name.clone()) {
+            return Err(SpecError::new(
+                format!("{path}.name"),
+                format!("duplicate column `{}`", col.name),
+            ));
+        }
+    }
+    if let Some(tracked) = &apply.track_history_on {
+        if apply.stored_as != crate::ScdType::Scd2 {
+            return Err(SpecError::new(
+                format!("{base}.apply_changes.track_history_on"),
+                "only with `stored_as: scd2`",
+            ));
+        }
+        for (j, c) in tracked.iter().enumerate() {
+            if !out.contains(c) {
+                return Err(SpecError::new(
+                    format!("{base}.apply_changes.track_history_on[{j}]"),
+                    format!("unknown column `{c}`; known: {}", join(&out)),
+                ));
+            }
+        }
+    }
+    out.insert(crate::CHANGE_KEY.to_string());
+    out.insert(crate::CHANGE_SEQUENCE.to_string());
+    if apply.stored_as == crate::ScdType::Scd2 {
+        out.insert(crate::CHANGE_START.to_string());
+        out.insert(crate::CHANGE_END.to_string());
+    }
+    Ok(Some(out))
 }
 
 fn gold_dependencies(

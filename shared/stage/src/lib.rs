@@ -161,6 +161,8 @@ pub struct Manifest {
     pub quarantined_rows: u64,
     pub source_files: Vec<String>,
     pub input_versions: BTreeMap<String, i64>,
+    /// Kafka sources: messages the topics held beyond what the task read, when it ended.
+    pub source_lag: Option<u64>,
 }
 
 /// Data-file tag holding the input versions a derived table version was computed from.
@@ -601,6 +603,9 @@ pub fn manifest_to_pb(m: &Manifest) -> pb::TaskManifest {
         quarantined_rows: m.quarantined_rows,
         source_files: m.source_files.clone(),
         input_versions: m.input_versions.clone().into_iter().collect(),
+        source_lag: m
+            .source_lag
+            .map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX)),
     }
 }
 
@@ -631,6 +636,7 @@ pub fn manifest_from_pb(m: &pb::TaskManifest) -> Result<Manifest, Status> {
         quarantined_rows: m.quarantined_rows,
         source_files: m.source_files.clone(),
         input_versions: m.input_versions.clone().into_iter().collect(),
+        source_lag: u64::try_from(m.source_lag).ok(),
     })
 }
 

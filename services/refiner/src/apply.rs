@@ -1,0 +1,887 @@
+//! Change data capture into silver: the new change events of a `kafka-debezium` source's bronze
+//! table are applied to an `apply_changes` table by key, in sequence order, as SCD type 1
+//! (current state) or type 2 (history).
+//!
+//! Keys are spread over hash buckets and every data file holds one bucket (tag
+//! [`TAG_BUCKET`]): an apply reads and rewrites only the buckets its changes touch, so a
+//! one-row change reads a `1/buckets` share of the table, however large. Deletes stay as
+//! hidden tombstone rows carrying their sequence, so a late change older than the delete never
+//! brings the key back. Applying a change twice is harmless: per key, the highest sequence wins.
+//!
+//! The bronze version applied is an application transaction of the silver commit, so the next
+//! apply reads only the bronze files added after it, and a crash between the two commits
+//! re-applies the same changes with the same result.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, BinaryArray, RecordBatch, StringArray, UInt32Array, new_null_array,
+};
+use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::row::{RowConverter, SortField};
+use medallion_lake::{CommitSpec, DataFile, Lake, TAG_HIDDEN, TableSnapshot, WriteMode};
+use medallion_server::CancellationToken;
+use medallion_spec::{
+    ApplyChangesSpec, CHANGE_END, CHANGE_KEY, CHANGE_SEQUENCE, CHANGE_START, ColumnType, Layer,
+    ScdType, SilverSpec, TableRef,
+};
+use medallion_stage::{Manifest, Progress, TaskError, TaskRequest};
+
+use crate::refine::Refiner;
+
+/// Data-file tag naming the key bucket a file holds.
+pub const TAG_BUCKET: &str = "medallion.bucket";
+
+/// Event column: `u` (the row holds from this sequence) or `d` (the key is deleted from it).
+const EVENT_OP: &str = "__op";
+/// Event column: the change's sequence.
+const EVENT_SEQUENCE: &str = "__seq";
+
+/// Applies the bronze changes of this run to one `apply_changes` table.
+pub async fn run(
+    refiner: &Refiner,
+    task: &TaskRequest,
+    spec: &SilverSpec,
+    apply: &ApplyChangesSpec,
+    progress: &Progress,
+    cancel: &CancellationToken,
+) -> Result<Manifest, TaskError> {
+    let lake = &refiner.lake;
+    let name = &spec.name;
+    let from = spec.from.clone().ok_or_else(|| {
+        TaskError::Invalid(format!("silver.{name}: `apply_changes` needs `from`"))
+    })?;
+    let current = lake
+        .snapshot(Layer::Silver, name, None)
+        .await
+        .map_err(TaskError::internal)?;
+    if let Some(snapshot) = &current
+        && task.is_done(snapshot, false).await?
+    {
+        return Ok(Manifest::of_snapshot(snapshot, false));
+    }
+    let table = ChangeTable::new(spec, apply)?;
+
+    // Which bronze version this table has applied, under this very definition.
+    let bronze_version =
+        task.inputs.get(&from).map(|m| m.version).ok_or_else(|| {
+            TaskError::internal(format!("no manifest for input {from} in this run"))
+        })?;
+    let applied_id = format!(
+        "medallion/changes/{}/{}",
+        task.table,
+        task.input_versions()
+            .get("spec")
+            .copied()
+            .unwrap_or_default()
+    );
+    let applied = match (&current, task.full_refresh) {
+        (Some(snapshot), false) => snapshot
+            .app_version(&applied_id)
+            .await
+            .map_err(TaskError::internal)?,
+        _ => None,
+    };
+    if let (Some(snapshot), Some(applied)) = (&current, applied)
+        && applied >= bronze_version
+    {
+        return Ok(Manifest::of_snapshot(snapshot, false));
+    }
+    // Without a record under this definition the table is rebuilt from every change.
+    let rebuild = applied.is_none();
+
+    let tickets: Vec<_> = match applied {
+        Some(since) => task
+            .input_tickets(&from)?
+            .first()
+            .map(|t| vec![t.added_since(since)])
+            .unwrap_or_default(),
+        None => task.input_tickets(&from)?,
+    };
+    let phase = format!("reading changes of {from}");
+    let mut stream = refiner.bronze_flight.stream(&tickets);
+    let mut batches = Vec::new();
+    let (mut rows, mut bytes) = (0u64, 0u64);
+    loop {
+        let next = tokio::select! {
+            next = stream.next_batch() => next?,
+            _ = cancel.cancelled() => return Err(TaskError::Cancelled),
+        };
+        let Some(batch) = next else { break };
+        rows += batch.num_rows() as u64;
+        bytes += medallion_flight::batch_bytes(&batch);
+        progress.report(&phase, rows, bytes, false);
+        batches.push(batch);
+    }
+    progress.report(&phase, rows, bytes, true);
+    if batches.is_empty() && !rebuild {
+        // Bronze moved without new change files (e.g. a commit of skipped tombstones only).
+        if let Some(snapshot) = &current {
+            return Ok(Manifest::of_snapshot(snapshot, false));
+        }
+    }
+
+    let parse_table = table.clone();
+    let changes = tokio::task::spawn_blocking(move || parse_table.parse_changes(&batches))
+        .await
+        .map_err(TaskError::internal)??;
+
+    // The dead letters first, recorded under the bronze version: a retry after a failed
+    // silver commit finds them already there.
+    let mut quarantined_rows = 0;
+    if changes.dead_letters.num_rows() > 0 {
+        quarantined_rows = changes.dead_letters.num_rows() as u64;
+        progress.report("writing dead letters", quarantined_rows, 0, true);
+        let dead = TableRef::new(Layer::Quarantine, name);
+        let mut writer = lake
+            .writer(dead.layer, &dead.name, changes.dead_letters.schema())
+            .await
+            .map_err(TaskError::internal)?;
+        writer
+            .write(changes.dead_letters.clone())
+            .await
+            .map_err(TaskError::internal)?;
+        let mut commit = task.commit_spec(&dead, WriteMode::Append);
+        commit.app_id = format!("{applied_id}/dead-letters");
+        commit.txn_version = bronze_version;
+        writer.commit(commit).await.map_err(TaskError::internal)?;
+    }
+
+    // The current rows of every touched bucket, as events.
+    let touched: BTreeSet<u32> = if changes.truncated_at.is_some() {
+        (0..table.buckets).collect()
+    } else {
+        changes.buckets.clone()
+    };
+    let mut replaced = BTreeSet::new();
+    let mut existing = Vec::new();
+    if let (Some(snapshot), false) = (&current, rebuild) {
+        progress.report("reading touched buckets", 0, 0, true);
+        let files = snapshot
+            .files
+            .iter()
+            .map(|f| (f, false))
+            .chain(snapshot.hidden.iter().map(|f| (f, true)))
+            .filter(|(f, _)| bucket_of_file(f).is_none_or(|b| touched.contains(&b)));
+        for (file, hidden) in files {
+            replaced.insert(file.path.clone());
+            let read = read_events(lake, snapshot, file, hidden, &table);
+            let events = tokio::select! {
+                events = read => events?,
+                _ = cancel.cancelled() => return Err(TaskError::Cancelled),
+            };
+            existing.extend(events);
+        }
+    }
+    if changes.events.num_rows() == 0 && changes.truncated_at.is_none() && !rebuild {
+        // Only dead letters: the table keeps its rows; record the applied version.
+        let mut commit = task.commit_spec(&task.table, WriteMode::Replace(BTreeSet::new()));
+        commit.more_transactions.push((applied_id, bronze_version));
+        let writer = lake
+            .writer(Layer::Silver, name, table.table_schema.clone())
+            .await
+            .map_err(TaskError::internal)?;
+        let outcome = writer.commit(commit).await.map_err(TaskError::internal)?;
+        let mut manifest = Manifest::after_commit(lake, &task.table, &outcome).await?;
+        manifest.quarantined_rows = quarantined_rows;
+        return Ok(manifest);
+    }
+
+    progress.report("applying", changes.events.num_rows() as u64, 0, true);
+    let merge_table = table.clone();
+    let merged = tokio::task::spawn_blocking(move || {
+        merge_table.merge(existing, changes.events, changes.truncated_at, &touched)
+    })
+    .await
+    .map_err(TaskError::internal)??;
+    if cancel.is_cancelled() {
+        return Err(TaskError::Cancelled);
+    }
+
+    progress.report("writing", merged.rows() as u64, 0, true);
+    let mut writer = lake
+        .writer(Layer::Silver, name, table.table_schema.clone())
+        .await
+        .map_err(TaskError::internal)?;
+    for (bucket, (visible, hidden)) in merged.buckets {
+        let mut tags = task.input_tags();
+        tags.insert(TAG_BUCKET.into(), bucket.to_string());
+        writer.write(visible).await.map_err(TaskError::internal)?;
+        writer
+            .finish_part(tags.clone())
+            .await
+            .map_err(TaskError::internal)?;
+        tags.insert(TAG_HIDDEN.into(), "true".into());
+        writer.write(hidden).await.map_err(TaskError::internal)?;
+        writer
+            .finish_part(tags)
+            .await
+            .map_err(TaskError::internal)?;
+    }
+    let mode = if rebuild {
+        WriteMode::Overwrite
+    } else {
+        WriteMode::Replace(replaced)
+    };
+    let mut commit: CommitSpec = task.commit_spec(&task.table, mode);
+    commit.more_transactions.push((applied_id, bronze_version));
+    let outcome = writer.commit(commit).await.map_err(TaskError::internal)?;
+    let mut manifest = Manifest::after_commit(lake, &task.table, &outcome).await?;
+    manifest.quarantined_rows = quarantined_rows;
+    tracing::info!(table = %task.table, bronze_version, rebuild, "changes applied");
+    Ok(manifest)
+}
+
+/// The bucket a data file holds, from its tag.
+fn bucket_of_file(file: &DataFile) -> Option<u32> {
+    file.tags.get(TAG_BUCKET).and_then(|b| b.parse().ok())
+}
+
+/// The bucket of a key: FNV-1a of its text, stable across versions and machines.
+fn bucket_of_key(key: &str, buckets: u32) -> u32 {
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (hash % u64::from(buckets)) as u32
+}
+
+/// Reads one data file of the table as events: its rows hold from their sequence (`u`), its
+/// tombstones delete from theirs (`d`).
+async fn read_events(
+    lake: &Lake,
+    snapshot: &TableSnapshot,
+    file: &DataFile,
+    hidden: bool,
+    table: &ChangeTable,
+) -> Result<Vec<RecordBatch>, TaskError> {
+    use futures::StreamExt as _;
+    let mut stream = lake.read_file(snapshot, file, 64 * 1024);
+    let mut events = Vec::new();
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(TaskError::internal)?;
+        events.extend(table.rows_as_events(&batch, hidden)?);
+    }
+    Ok(events)
+}
+
+/// What one `apply_changes` table looks like, and the pure steps of applying changes to it.
+#[derive(Clone)]
+struct ChangeTable {
+    name: String,
+    scd: ScdType,
+    buckets: u32,
+    /// Declared columns, as stored.
+    columns: Vec<Field>,
+    /// Field of the row image each declared column comes from.
+    image_fields: Vec<String>,
+    /// Positions (in `columns`) of the columns whose change starts a new SCD2 version.
+    tracked: Vec<usize>,
+    /// Declared columns, `__key`, `__seq`, `__op`.
+    event_schema: SchemaRef,
+    /// Declared columns, `__key`, (SCD2: `__start_at`, `__end_at`,) `__sequence`.
+    table_schema: SchemaRef,
+}
+
+/// The parsed new changes of one apply.
+struct Changes {
+    /// Upserts and deletes, as events.
+    events: RecordBatch,
+    /// Buckets of the keys they touch.
+    buckets: BTreeSet<u32>,
+    /// The highest sequence of a truncate among them.
+    truncated_at: Option<String>,
+    /// Changes that could not be applied, with why.
+    dead_letters: RecordBatch,
+}
+
+/// The new content of the touched buckets: visible rows and hidden tombstones per bucket.
+struct Merged {
+    buckets: BTreeMap<u32, (RecordBatch, RecordBatch)>,
+}
+
+impl Merged {
+    fn rows(&self) -> usize {
+        self.buckets
+            .values()
+            .map(|(v, h)| v.num_rows() + h.num_rows())
+            .sum()
+    }
+}
+
+fn arrow_type(t: ColumnType) -> DataType {
+    match t {
+        ColumnType::String => DataType::Utf8,
+        ColumnType::Int32 => DataType::Int32,
+        ColumnType::Int64 => DataType::Int64,
+        ColumnType::Float64 => DataType::Float64,
+        ColumnType::Bool => DataType::Boolean,
+        ColumnType::Date => DataType::Date32,
+        ColumnType::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        ColumnType::Decimal { precision, scale } => DataType::Decimal128(precision, scale as i8),
+    }
+}
+
+/// Schema of the dead-letter table.
+fn dead_letter_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("_topic", DataType::Utf8, true),
+        Field::new("_partition", DataType::Int32, true),
+        Field::new("_offset", DataType::Int64, true),
+        Field::new("_error", DataType::Utf8, true),
+        Field::new("_value", DataType::Binary, true),
+    ]))
+}
+
+fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, TaskError> {
+    batch
+        .column_by_name(name)
+        .ok_or_else(|| TaskError::internal(format!("change batch has no `{name}` column")))
+}
+
+fn strings<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a StringArray, TaskError> {
+    column(batch, name)?
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .ok_or_else(|| TaskError::internal(format!("`{name}` is not a string column")))
+}
+
+fn arrow_error(table: &str, what: &str) -> impl FnOnce(arrow::error::ArrowError) -> TaskError {
+    let context = format!("silver.{table}: {what}");
+    move |e| TaskError::internal(format!("{context}: {e}"))
+}
+
+impl ChangeTable {
+    fn new(spec: &SilverSpec, apply: &ApplyChangesSpec) -> Result<ChangeTable, TaskError> {
+        let declared = spec.columns.as_deref().unwrap_or_default();
+        let mut columns = Vec::new();
+        let mut image_fields = Vec::new();
+        for c in declared {
+            let t = c.data_type.ok_or_else(|| {
+                TaskError::Invalid(format!(
+                    "silver.{}: column `{}` needs a type",
+                    spec.name, c.name
+                ))
+            })?;
+            columns.push(Field::new(&c.name, arrow_type(t), true));
+            image_fields.push(c.from.clone().unwrap_or_else(|| c.name.clone()));
+        }
+        let tracked = match &apply.track_history_on {
+            Some(names) => names
+                .iter()
+                .filter_map(|n| columns.iter().position(|f| f.name() == n))
+                .collect(),
+            None => (0..columns.len()).collect(),
+        };
+        let key = Field::new(CHANGE_KEY, DataType::Utf8, true);
+        let text = |name: &str| Field::new(name, DataType::Utf8, true);
+        let mut event_fields = columns.clone();
+        event_fields.extend([key.clone(), text(EVENT_SEQUENCE), text(EVENT_OP)]);
+        let mut table_fields = columns.clone();
+        table_fields.push(key);
+        if apply.stored_as == ScdType::Scd2 {
+            table_fields.extend([text(CHANGE_START), text(CHANGE_END)]);
+        }
+        table_fields.push(text(CHANGE_SEQUENCE));
+        Ok(ChangeTable {
+            name: spec.name.clone(),
+            scd: apply.stored_as,
+            buckets: apply.buckets.max(1),
+            columns,
+            image_fields,
+            tracked,
+            event_schema: Arc::new(Schema::new(event_fields)),
+            table_schema: Arc::new(Schema::new(table_fields)),
+        })
+    }
+
+    /// Turns bronze change rows into events (typed from their row images), the truncate
+    /// point and dead letters.
+    fn parse_changes(&self, batches: &[RecordBatch]) -> Result<Changes, TaskError> {
+        let mut upserts = Vec::new();
+        let mut deletes = Vec::new();
+        let mut dead = DeadLetters::default();
+        let mut truncated_at: Option<String> = None;
+        for batch in batches {
+            let op = strings(batch, "op")?;
+            let key = strings(batch, "key")?;
+            let seq = strings(batch, "sequence")?;
+            let error = strings(batch, "_error")?;
+            let after = strings(batch, "after")?;
+            for row in 0..batch.num_rows() {
+                if error.is_valid(row) {
+                    dead.push_raw(batch, row, error.value(row))?;
+                    continue;
+                }
+                if !op.is_valid(row) || !seq.is_valid(row) {
+                    dead.push_raw(batch, row, "change without `op` or sequence")?;
+                    continue;
+                }
+                match op.value(row) {
+                    "c" | "u" | "r" if after.is_valid(row) && key.is_valid(row) => {
+                        upserts.push((batch, row))
+                    }
+                    "d" if key.is_valid(row) => deletes.push((batch, row)),
+                    "t" => {
+                        let at = seq.value(row);
+                        if truncated_at.as_deref().is_none_or(|t| at > t) {
+                            truncated_at = Some(at.to_string());
+                        }
+                    }
+                    "c" | "u" | "r" | "d" => {
+                        dead.push_raw(batch, row, "change without its row image or key")?;
+                    }
+                    other => {
+                        dead.push_raw(batch, row, &format!("cannot apply op `{other}`"))?;
+                    }
+                }
+            }
+        }
+        let (images, upserts) = self.decode_images(&upserts, &mut dead)?;
+        let mut parts = Vec::new();
+        if !upserts.is_empty() {
+            parts.push(self.events_from_changes(Some(images), &upserts, "u")?);
+        }
+        if !deletes.is_empty() {
+            parts.push(self.events_from_changes(None, &deletes, "d")?);
+        }
+        let events = concat_batches(&self.event_schema, &parts)
+            .map_err(arrow_error(&self.name, "collecting changes"))?;
+        let keys = strings(&events, CHANGE_KEY)?;
+        let buckets = keys
+            .iter()
+            .flatten()
+            .map(|k| bucket_of_key(k, self.buckets))
+            .collect();
+        Ok(Changes {
+            events,
+            buckets,
+            truncated_at,
+            dead_letters: dead.finish()?,
+        })
+    }
+
+    /// Decodes the `after` images of `rows` into the declared columns. Rows whose image does not
+    /// fit the declared types become dead letters; the rest are returned with their images.
+    fn decode_images<'a>(
+        &self,
+        rows: &[(&'a RecordBatch, usize)],
+        dead: &mut DeadLetters,
+    ) -> Result<(RecordBatch, Vec<(&'a RecordBatch, usize)>), TaskError> {
+        let image_schema = Arc::new(Schema::new(
+            self.columns
+                .iter()
+                .zip(&self.image_fields)
+                .map(|(f, source)| Field::new(source, f.data_type().clone(), true))
+                .collect::<Vec<_>>(),
+        ));
+        let decode =
+            |rows: &[(&RecordBatch, usize)]| -> Result<RecordBatch, arrow::error::ArrowError> {
+                let mut decoder = arrow::json::ReaderBuilder::new(image_schema.clone())
+                    .with_batch_size(rows.len().max(1))
+                    .with_coerce_primitive(true)
+                    .build_decoder()?;
+                for (batch, row) in rows {
+                    // Checked by the caller: the column exists and the value is set.
+                    let after = batch
+                        .column_by_name("after")
+                        .and_then(|a| a.as_any().downcast_ref::<StringArray>())
+                        .map_or("{}", |a| a.value(*row));
+                    let mut text = after.as_bytes();
+                    while !text.is_empty() {
+                        let read = decoder.decode(text)?;
+                        if read == 0 {
+                            return Err(arrow::error::ArrowError::JsonError(
+                                "row image is not one JSON object".into(),
+                            ));
+                        }
+                        text = &text[read..];
+                    }
+                }
+                Ok(decoder
+                    .flush()?
+                    .unwrap_or_else(|| RecordBatch::new_empty(image_schema.clone())))
+            };
+        let (images, kept) = match decode(rows) {
+            Ok(images) => (images, rows.to_vec()),
+            Err(_) => {
+                // Find the rows at fault one by one (only on this error path).
+                let mut kept = Vec::new();
+                for &(batch, row) in rows {
+                    match decode(&[(batch, row)]) {
+                        Ok(_) => kept.push((batch, row)),
+                        Err(e) => dead.push_image(
+                            batch,
+                            row,
+                            &format!("row image does not fit the declared columns: {e}"),
+                        )?,
+                    }
+                }
+                let images =
+                    decode(&kept).map_err(arrow_error(&self.name, "decoding row images"))?;
+                (images, kept)
+            }
+        };
+        if images.num_rows() != kept.len() {
+            return Err(TaskError::internal(format!(
+                "silver.{}: {} row images decoded into {} rows",
+                self.name,
+                kept.len(),
+                images.num_rows()
+            )));
+        }
+        Ok((images, kept))
+    }
+
+    /// Events of `op` for `rows`, with the declared columns from `images` (null without).
+    fn events_from_changes(
+        &self,
+        images: Option<RecordBatch>,
+        rows: &[(&RecordBatch, usize)],
+        op: &str,
+    ) -> Result<RecordBatch, TaskError> {
+        let n = rows.len();
+        let mut arrays: Vec<ArrayRef> = match images {
+            Some(images) => images.columns().to_vec(),
+            None => self
+                .columns
+                .iter()
+                .map(|f| new_null_array(f.data_type(), n))
+                .collect(),
+        };
+        let text = |name: &str| -> Result<ArrayRef, TaskError> {
+            let mut values = arrow::array::StringBuilder::with_capacity(n, n * 16);
+            for (batch, row) in rows {
+                values.append_value(strings(batch, name)?.value(*row));
+            }
+            Ok(Arc::new(values.finish()))
+        };
+        arrays.push(text("key")?);
+        arrays.push(text("sequence")?);
+        arrays.push(Arc::new(StringArray::from_iter_values(
+            std::iter::repeat_n(op, n),
+        )));
+        RecordBatch::try_new(self.event_schema.clone(), arrays)
+            .map_err(arrow_error(&self.name, "building change events"))
+    }
+
+    /// Rows of a stored file as events: each row holds from its `__sequence` (SCD1); an SCD2
+    /// version holds from its `__start_at` and took its values at its `__sequence`, so a late
+    /// change between the two still loses to the values.
+    fn rows_as_events(
+        &self,
+        batch: &RecordBatch,
+        hidden: bool,
+    ) -> Result<Vec<RecordBatch>, TaskError> {
+        let mut events = vec![self.rows_as_events_at(batch, hidden, CHANGE_SEQUENCE)?];
+        if self.scd == ScdType::Scd2 && !hidden {
+            events.push(self.rows_as_events_at(batch, hidden, CHANGE_START)?);
+        }
+        Ok(events)
+    }
+
+    fn rows_as_events_at(
+        &self,
+        batch: &RecordBatch,
+        hidden: bool,
+        since: &str,
+    ) -> Result<RecordBatch, TaskError> {
+        let n = batch.num_rows();
+        let mut arrays = Vec::with_capacity(self.event_schema.fields().len());
+        for field in &self.columns {
+            let stored = column(batch, field.name())?;
+            arrays.push(if stored.data_type() == field.data_type() {
+                stored.clone()
+            } else {
+                arrow::compute::cast(stored, field.data_type())
+                    .map_err(arrow_error(&self.name, "reading stored rows"))?
+            });
+        }
+        arrays.push(column(batch, CHANGE_KEY)?.clone());
+        arrays.push(column(batch, since)?.clone());
+        let op = if hidden { "d" } else { "u" };
+        arrays.push(Arc::new(StringArray::from_iter_values(
+            std::iter::repeat_n(op, n),
+        )));
+        RecordBatch::try_new(self.event_schema.clone(), arrays)
+            .map_err(arrow_error(&self.name, "reading stored rows"))
+    }
+
+    /// The new content of the touched buckets from their stored rows and the new events.
+    fn merge(
+        &self,
+        existing: Vec<RecordBatch>,
+        new: RecordBatch,
+        truncated_at: Option<String>,
+        touched: &BTreeSet<u32>,
+    ) -> Result<Merged, TaskError> {
+        let mut parts = existing;
+        parts.push(new);
+        let mut events = concat_batches(&self.event_schema, &parts)
+            .map_err(arrow_error(&self.name, "collecting events"))?;
+        drop(parts);
+        if let Some(at) = &truncated_at {
+            // A truncate deletes every key at its sequence; later changes still apply.
+            let keys: BTreeSet<&str> = strings(&events, CHANGE_KEY)?.iter().flatten().collect();
+            let deletes = self.deletes_at(keys.into_iter(), at)?;
+            events = concat_batches(&self.event_schema, [&events, &deletes])
+                .map_err(arrow_error(&self.name, "applying a truncate"))?;
+        }
+
+        // Per key in sequence order; on equal sequences the later event (a new one over a
+        // stored one, a later offset over an earlier one) wins.
+        let position = UInt32Array::from_iter_values(0..events.num_rows() as u32);
+        let order = lexsort_to_indices(
+            &[
+                SortColumn {
+                    values: column(&events, CHANGE_KEY)?.clone(),
+                    options: None,
+                },
+                SortColumn {
+                    values: column(&events, EVENT_SEQUENCE)?.clone(),
+                    options: None,
+                },
+                SortColumn {
+                    values: Arc::new(position),
+                    options: None,
+                },
+            ],
+            None,
+        )
+        .map_err(arrow_error(&self.name, "ordering changes"))?;
+        let keys = strings(&events, CHANGE_KEY)?;
+        let seqs = strings(&events, EVENT_SEQUENCE)?;
+        let ops = strings(&events, EVENT_OP)?;
+        let tracked = if self.scd == ScdType::Scd2 {
+            let converter = RowConverter::new(
+                self.tracked
+                    .iter()
+                    .map(|&i| SortField::new(self.columns[i].data_type().clone()))
+                    .collect(),
+            )
+            .map_err(arrow_error(&self.name, "comparing tracked columns"))?;
+            let arrays: Vec<ArrayRef> = self
+                .tracked
+                .iter()
+                .map(|&i| events.column(i).clone())
+                .collect();
+            Some(
+                converter
+                    .convert_columns(&arrays)
+                    .map_err(arrow_error(&self.name, "comparing tracked columns"))?,
+            )
+        } else {
+            None
+        };
+
+        // Rows to keep: (event holding the values, event starting it, event ending it).
+        let mut rows: Vec<(u32, u32, Option<u32>)> = Vec::new();
+        let mut tombstones: Vec<u32> = Vec::new();
+        let order = order.values();
+        let mut i = 0;
+        while i < order.len() {
+            let key = keys.value(order[i] as usize);
+            let mut end = i;
+            while end < order.len() && keys.value(order[end] as usize) == key {
+                end += 1;
+            }
+            // One event per sequence: the last of equal ones.
+            let group: Vec<u32> = (i..end)
+                .filter(|&j| {
+                    j + 1 == end
+                        || seqs.value(order[j] as usize) != seqs.value(order[j + 1] as usize)
+                })
+                .map(|j| order[j])
+                .collect();
+            match &tracked {
+                None => {
+                    if let Some(&last) = group.last() {
+                        if ops.value(last as usize) == "u" {
+                            rows.push((last, last, None));
+                        } else {
+                            tombstones.push(last);
+                        }
+                    }
+                }
+                Some(tracked) => {
+                    let mut open: Option<(u32, u32)> = None;
+                    for &e in &group {
+                        if ops.value(e as usize) == "u" {
+                            match open {
+                                Some((values, start))
+                                    if tracked.row(values as usize) == tracked.row(e as usize) =>
+                                {
+                                    // Untracked columns changed: the version takes the new values.
+                                    open = Some((e, start));
+                                }
+                                Some((values, start)) => {
+                                    rows.push((values, start, Some(e)));
+                                    open = Some((e, e));
+                                }
+                                None => open = Some((e, e)),
+                            }
+                        } else {
+                            if let Some((values, start)) = open.take() {
+                                rows.push((values, start, Some(e)));
+                            }
+                            tombstones.push(e);
+                        }
+                    }
+                    if let Some((values, start)) = open {
+                        rows.push((values, start, None));
+                    }
+                }
+            }
+            i = end;
+        }
+
+        // Split by bucket, each bucket's rows in key order.
+        let mut by_bucket: BTreeMap<u32, (Vec<(u32, u32, Option<u32>)>, Vec<u32>)> = touched
+            .iter()
+            .map(|&b| (b, (Vec::new(), Vec::new())))
+            .collect();
+        for row in rows {
+            let bucket = bucket_of_key(keys.value(row.0 as usize), self.buckets);
+            by_bucket.entry(bucket).or_default().0.push(row);
+        }
+        for t in tombstones {
+            let bucket = bucket_of_key(keys.value(t as usize), self.buckets);
+            by_bucket.entry(bucket).or_default().1.push(t);
+        }
+        let mut buckets = BTreeMap::new();
+        for (bucket, (rows, tombstones)) in by_bucket {
+            let visible = self.table_rows(&events, &rows)?;
+            let hidden: Vec<_> = tombstones.iter().map(|&t| (t, t, None)).collect();
+            let hidden = self.table_rows(&events, &hidden)?;
+            buckets.insert(bucket, (visible, hidden));
+        }
+        Ok(Merged { buckets })
+    }
+
+    /// Table rows from events: values, key and `__sequence` of the first index, SCD2's
+    /// `__start_at` and `__end_at` from the others.
+    fn table_rows(
+        &self,
+        events: &RecordBatch,
+        rows: &[(u32, u32, Option<u32>)],
+    ) -> Result<RecordBatch, TaskError> {
+        let error = |what| arrow_error(&self.name, what);
+        let values = UInt32Array::from_iter_values(rows.iter().map(|r| r.0));
+        let starts = UInt32Array::from_iter_values(rows.iter().map(|r| r.1));
+        let ends: UInt32Array = rows.iter().map(|r| r.2).collect();
+        let mut arrays = Vec::with_capacity(self.table_schema.fields().len());
+        for i in 0..=self.columns.len() {
+            // The declared columns, then the key.
+            arrays.push(take(events.column(i), &values, None).map_err(error("taking rows"))?);
+        }
+        let seq = column(events, EVENT_SEQUENCE)?;
+        if self.scd == ScdType::Scd2 {
+            arrays.push(take(seq, &starts, None).map_err(error("taking sequences"))?);
+            arrays.push(take(seq, &ends, None).map_err(error("taking sequences"))?);
+        }
+        arrays.push(take(seq, &values, None).map_err(error("taking sequences"))?);
+        RecordBatch::try_new(self.table_schema.clone(), arrays).map_err(error("building rows"))
+    }
+
+    /// Delete events for `keys` at sequence `at`.
+    fn deletes_at<'a>(
+        &self,
+        keys: impl Iterator<Item = &'a str>,
+        at: &str,
+    ) -> Result<RecordBatch, TaskError> {
+        let keys = StringArray::from_iter_values(keys);
+        let n = keys.len();
+        let mut arrays: Vec<ArrayRef> = self
+            .columns
+            .iter()
+            .map(|f| new_null_array(f.data_type(), n))
+            .collect();
+        arrays.push(Arc::new(keys));
+        arrays.push(Arc::new(StringArray::from_iter_values(
+            std::iter::repeat_n(at, n),
+        )));
+        arrays.push(Arc::new(StringArray::from_iter_values(
+            std::iter::repeat_n("d", n),
+        )));
+        RecordBatch::try_new(self.event_schema.clone(), arrays)
+            .map_err(arrow_error(&self.name, "applying a truncate"))
+    }
+}
+
+/// Changes that cannot be applied: where they came from, why, and their bytes.
+#[derive(Default)]
+struct DeadLetters {
+    topic: arrow::array::StringBuilder,
+    partition: arrow::array::Int32Builder,
+    offset: arrow::array::Int64Builder,
+    error: arrow::array::StringBuilder,
+    value: arrow::array::BinaryBuilder,
+}
+
+impl DeadLetters {
+    fn push_origin(
+        &mut self,
+        batch: &RecordBatch,
+        row: usize,
+        error: &str,
+    ) -> Result<(), TaskError> {
+        let topic = strings(batch, "_topic")?;
+        let partition = column(batch, "_partition")?
+            .as_any()
+            .downcast_ref::<arrow::array::Int32Array>()
+            .ok_or_else(|| TaskError::internal("`_partition` is not int32"))?;
+        let offset = column(batch, "_offset")?
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .ok_or_else(|| TaskError::internal("`_offset` is not int64"))?;
+        self.topic
+            .append_option(topic.is_valid(row).then(|| topic.value(row)));
+        self.partition
+            .append_option(partition.is_valid(row).then(|| partition.value(row)));
+        self.offset
+            .append_option(offset.is_valid(row).then(|| offset.value(row)));
+        self.error.append_value(error);
+        Ok(())
+    }
+
+    /// A message the ingestor could not parse, with the bytes it kept.
+    fn push_raw(&mut self, batch: &RecordBatch, row: usize, error: &str) -> Result<(), TaskError> {
+        self.push_origin(batch, row, error)?;
+        let value = column(batch, "_value")?
+            .as_any()
+            .downcast_ref::<BinaryArray>()
+            .ok_or_else(|| TaskError::internal("`_value` is not binary"))?;
+        self.value
+            .append_option(value.is_valid(row).then(|| value.value(row)));
+        Ok(())
+    }
+
+    /// A change whose row image does not fit, with the image.
+    fn push_image(
+        &mut self,
+        batch: &RecordBatch,
+        row: usize,
+        error: &str,
+    ) -> Result<(), TaskError> {
+        self.push_origin(batch, row, error)?;
+        let after = strings(batch, "after")?;
+        self.value
+            .append_option(after.is_valid(row).then(|| after.value(row).as_bytes()));
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<RecordBatch, TaskError> {
+        RecordBatch::try_new(
+            dead_letter_schema(),
+            vec![
+                Arc::new(self.topic.finish()),
+                Arc::new(self.partition.finish()),
+                Arc::new(self.offset.finish()),
+                Arc::new(self.error.finish()),
+                Arc::new(self.value.finish()),
+            ],
+        )
+        .map_err(TaskError::internal)
+    }
+}
