@@ -476,33 +476,48 @@ impl ChangeTable {
                 .map(|(f, source)| Field::new(source, f.data_type().clone(), true))
                 .collect::<Vec<_>>(),
         ));
-        let decode =
-            |rows: &[(&RecordBatch, usize)]| -> Result<RecordBatch, arrow::error::ArrowError> {
-                let mut decoder = arrow::json::ReaderBuilder::new(image_schema.clone())
-                    .with_batch_size(rows.len().max(1))
-                    .with_coerce_primitive(true)
-                    .build_decoder()?;
-                for (batch, row) in rows {
-                    // Checked by the caller: the column exists and the value is set.
-                    let after = batch
-                        .column_by_name("after")
-                        .and_then(|a| a.as_any().downcast_ref::<StringArray>())
-                        .map_or("{}", |a| a.value(*row));
-                    let mut text = after.as_bytes();
-                    while !text.is_empty() {
-                        let read = decoder.decode(text)?;
-                        if read == 0 {
-                            return Err(arrow::error::ArrowError::JsonError(
-                                "row image is not one JSON object".into(),
-                            ));
-                        }
-                        text = &text[read..];
+        let decode_as = |schema: &SchemaRef,
+                         rows: &[(&RecordBatch, usize)]|
+         -> Result<RecordBatch, arrow::error::ArrowError> {
+            let mut decoder = arrow::json::ReaderBuilder::new(schema.clone())
+                .with_batch_size(rows.len().max(1))
+                .with_coerce_primitive(true)
+                .build_decoder()?;
+            for (batch, row) in rows {
+                // Checked by the caller: the column exists and the value is set.
+                let after = batch
+                    .column_by_name("after")
+                    .and_then(|a| a.as_any().downcast_ref::<StringArray>())
+                    .map_or("{}", |a| a.value(*row));
+                let mut text = after.as_bytes();
+                while !text.is_empty() {
+                    let read = decoder.decode(text)?;
+                    if read == 0 {
+                        return Err(arrow::error::ArrowError::JsonError(
+                            "row image is not one JSON object".into(),
+                        ));
                     }
+                    text = &text[read..];
                 }
-                Ok(decoder
-                    .flush()?
-                    .unwrap_or_else(|| RecordBatch::new_empty(image_schema.clone())))
-            };
+            }
+            Ok(decoder
+                .flush()?
+                .unwrap_or_else(|| RecordBatch::new_empty(schema.clone())))
+        };
+        let decode = |rows: &[(&RecordBatch, usize)]| decode_as(&image_schema, rows);
+        // The first field of one row's image that does not fit its declared type.
+        let field_at_fault = |row: (&RecordBatch, usize)| {
+            image_schema.fields().iter().find_map(|field| {
+                let one = Arc::new(Schema::new(vec![field.as_ref().clone()]));
+                decode_as(&one, &[row]).err().map(|e| {
+                    format!(
+                        "field `{}` does not fit {}: {e}",
+                        field.name(),
+                        field.data_type()
+                    )
+                })
+            })
+        };
         let (images, kept) = match decode(rows) {
             Ok(images) => (images, rows.to_vec()),
             Err(_) => {
@@ -514,7 +529,10 @@ impl ChangeTable {
                         Err(e) => dead.push_image(
                             batch,
                             row,
-                            &format!("row image does not fit the declared columns: {e}"),
+                            &format!(
+                                "row image does not fit the declared columns: {}",
+                                field_at_fault((batch, row)).unwrap_or_else(|| e.to_string())
+                            ),
                         )?,
                     }
                 }
@@ -883,5 +901,261 @@ impl DeadLetters {
             ],
         )
         .map_err(TaskError::internal)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{AsArray, Int32Array, Int64Array};
+
+    fn table(stored_as: &str, track: &str) -> ChangeTable {
+        let yaml = format!(
+            "name: t\nsources:\n  - {{ name: c, format: kafka-debezium, kafka: {{ brokers: b, topics: [t] }} }}\nsilver:\n  - {{ name: s, from: bronze.c, apply_changes: {{ stored_as: {stored_as}{track}, buckets: 4 }}, columns: [{{ name: id, type: int64 }}, {{ name: v, type: string }}, {{ name: x, type: int64 }}] }}\n"
+        );
+        let pipeline = medallion_spec::Pipeline::parse(&yaml).expect("spec");
+        let spec = pipeline.spec.silver[0].clone();
+        let apply = spec.apply_changes.clone().expect("apply");
+        ChangeTable::new(&spec, &apply).expect("table")
+    }
+
+    /// Bronze change rows: (op, key id, sequence, after image).
+    fn bronze(rows: &[(&str, i64, &str, Option<&str>)]) -> RecordBatch {
+        let n = rows.len();
+        let text = |f: &dyn Fn(&(&str, i64, &str, Option<&str>)) -> Option<String>| -> ArrayRef {
+            Arc::new(rows.iter().map(f).collect::<StringArray>())
+        };
+        let columns: Vec<(&str, ArrayRef)> = vec![
+            ("op", text(&|r| Some(r.0.to_string()))),
+            ("key", text(&|r| Some(format!(r#"{{"id":{}}}"#, r.1)))),
+            ("sequence", text(&|r| Some(r.2.to_string()))),
+            ("before", text(&|_| None)),
+            ("after", text(&|r| r.3.map(str::to_string))),
+            ("_topic", text(&|_| Some("t".into()))),
+            ("_partition", Arc::new(Int32Array::from(vec![0; n]))),
+            (
+                "_offset",
+                Arc::new(Int64Array::from_iter_values(0..n as i64)),
+            ),
+            ("_error", text(&|_| None)),
+            (
+                "_value",
+                Arc::new(BinaryArray::from(vec![None::<&[u8]>; n])),
+            ),
+        ];
+        RecordBatch::try_from_iter(columns).expect("batch")
+    }
+
+    /// Applies `rows` on top of `stored` (the previous merge's buckets) and returns the merge.
+    fn apply(
+        table: &ChangeTable,
+        stored: Option<&Merged>,
+        rows: &[(&str, i64, &str, Option<&str>)],
+    ) -> Merged {
+        let changes = table.parse_changes(&[bronze(rows)]).expect("parse");
+        let mut existing = Vec::new();
+        if let Some(stored) = stored {
+            for (visible, hidden) in stored.buckets.values() {
+                existing.extend(table.rows_as_events(visible, false).expect("events"));
+                existing.extend(table.rows_as_events(hidden, true).expect("events"));
+            }
+        }
+        let touched: BTreeSet<u32> = (0..table.buckets).collect();
+        table
+            .merge(existing, changes.events, changes.truncated_at, &touched)
+            .expect("merge")
+    }
+
+    /// Visible rows as (id, v, x, start, end, sequence) and hidden keys with their sequences.
+    #[allow(clippy::type_complexity)]
+    fn rows(
+        merged: &Merged,
+    ) -> (
+        BTreeSet<(i64, String, i64, String, Option<String>, String)>,
+        BTreeSet<(String, String)>,
+    ) {
+        let mut visible = BTreeSet::new();
+        let mut hidden = BTreeSet::new();
+        for (v, h) in merged.buckets.values() {
+            let text = |b: &RecordBatch, name: &str, r: usize| {
+                let c = b.column_by_name(name).expect(name).as_string::<i32>();
+                c.is_valid(r).then(|| c.value(r).to_string())
+            };
+            for r in 0..v.num_rows() {
+                let start = v.column_by_name(CHANGE_START).map_or_else(
+                    || text(v, CHANGE_SEQUENCE, r).expect("seq"),
+                    |_| text(v, CHANGE_START, r).expect("start"),
+                );
+                let end = v
+                    .column_by_name(CHANGE_END)
+                    .and_then(|_| text(v, CHANGE_END, r));
+                visible.insert((
+                    v.column(0)
+                        .as_primitive::<arrow::datatypes::Int64Type>()
+                        .value(r),
+                    text(v, "v", r).expect("v"),
+                    v.column(2)
+                        .as_primitive::<arrow::datatypes::Int64Type>()
+                        .value(r),
+                    start,
+                    end,
+                    text(v, CHANGE_SEQUENCE, r).expect("seq"),
+                ));
+            }
+            for r in 0..h.num_rows() {
+                hidden.insert((
+                    text(h, CHANGE_KEY, r).expect("key"),
+                    text(h, CHANGE_SEQUENCE, r).expect("seq"),
+                ));
+            }
+        }
+        (visible, hidden)
+    }
+
+    fn row(
+        id: i64,
+        v: &str,
+        x: i64,
+        start: &str,
+        end: Option<&str>,
+        seq: &str,
+    ) -> (i64, String, i64, String, Option<String>, String) {
+        (
+            id,
+            v.into(),
+            x,
+            start.into(),
+            end.map(str::to_string),
+            seq.into(),
+        )
+    }
+
+    #[test]
+    fn scd1_keeps_the_newest_change_and_tombstones_outlive_late_changes() {
+        let t = table("scd1", "");
+        let first = apply(
+            &t,
+            None,
+            &[
+                ("c", 1, "01", Some(r#"{"id":1,"v":"a","x":1}"#)),
+                ("u", 1, "03", Some(r#"{"id":1,"v":"c","x":3}"#)),
+                ("u", 1, "02", Some(r#"{"id":1,"v":"b","x":2}"#)),
+                ("c", 2, "04", Some(r#"{"id":2,"v":"z","x":0}"#)),
+                ("d", 2, "05", None),
+                ("u", 1, "03", Some(r#"{"id":1,"v":"c","x":3}"#)),
+            ],
+        );
+        let (visible, hidden) = rows(&first);
+        assert_eq!(visible, BTreeSet::from([row(1, "c", 3, "03", None, "03")]));
+        assert_eq!(
+            hidden,
+            BTreeSet::from([(r#"{"id":2}"#.into(), "05".into())])
+        );
+
+        // Late: an update older than the delete, and one older than the current row.
+        let second = apply(
+            &t,
+            Some(&first),
+            &[
+                ("u", 2, "045", Some(r#"{"id":2,"v":"late","x":0}"#)),
+                ("u", 1, "025", Some(r#"{"id":1,"v":"late","x":0}"#)),
+                ("r", 3, "06", Some(r#"{"id":3,"v":"s","x":6}"#)),
+            ],
+        );
+        let (visible, hidden) = rows(&second);
+        assert_eq!(
+            visible,
+            BTreeSet::from([
+                row(1, "c", 3, "03", None, "03"),
+                row(3, "s", 6, "06", None, "06")
+            ])
+        );
+        assert_eq!(hidden.len(), 1);
+    }
+
+    #[test]
+    fn scd2_starts_versions_on_tracked_changes_only() {
+        let t = table("scd2", ", track_history_on: [v]");
+        let first = apply(
+            &t,
+            None,
+            &[
+                ("c", 1, "01", Some(r#"{"id":1,"v":"a","x":1}"#)),
+                ("u", 1, "02", Some(r#"{"id":1,"v":"a","x":2}"#)),
+                ("u", 1, "03", Some(r#"{"id":1,"v":"b","x":2}"#)),
+                ("d", 1, "04", None),
+                ("c", 1, "05", Some(r#"{"id":1,"v":"c","x":5}"#)),
+            ],
+        );
+        let expected = BTreeSet::from([
+            row(1, "a", 2, "01", Some("03"), "02"),
+            row(1, "b", 2, "03", Some("04"), "03"),
+            row(1, "c", 5, "05", None, "05"),
+        ]);
+        assert_eq!(rows(&first).0, expected);
+        // Re-delivered changes (one between a version's start and its values) change nothing.
+        let again = apply(
+            &t,
+            Some(&first),
+            &[
+                ("u", 1, "02", Some(r#"{"id":1,"v":"a","x":2}"#)),
+                ("c", 1, "01", Some(r#"{"id":1,"v":"a","x":1}"#)),
+                ("d", 1, "04", None),
+            ],
+        );
+        assert_eq!(rows(&again).0, expected);
+    }
+
+    #[test]
+    fn a_truncate_removes_older_rows_and_keeps_later_ones() {
+        let t = table("scd1", "");
+        let first = apply(
+            &t,
+            None,
+            &[
+                ("c", 1, "01", Some(r#"{"id":1,"v":"a","x":1}"#)),
+                ("c", 2, "02", Some(r#"{"id":2,"v":"b","x":2}"#)),
+            ],
+        );
+        let second = apply(
+            &t,
+            Some(&first),
+            &[
+                ("t", 0, "03", None),
+                ("c", 3, "04", Some(r#"{"id":3,"v":"c","x":3}"#)),
+                ("u", 1, "025", Some(r#"{"id":1,"v":"late","x":0}"#)),
+            ],
+        );
+        let (visible, hidden) = rows(&second);
+        assert_eq!(visible, BTreeSet::from([row(3, "c", 3, "04", None, "04")]));
+        assert_eq!(hidden.len(), 2);
+    }
+
+    #[test]
+    fn images_that_do_not_fit_the_columns_become_dead_letters() {
+        let t = table("scd1", "");
+        let changes = t
+            .parse_changes(&[bronze(&[
+                ("c", 1, "01", Some(r#"{"id":1,"v":"a","x":1}"#)),
+                ("c", 2, "02", Some(r#"{"id":2,"v":"b","x":"lots"}"#)),
+                ("x", 3, "03", Some(r#"{"id":3}"#)),
+            ])])
+            .expect("parse");
+        assert_eq!(changes.events.num_rows(), 1);
+        let dead = &changes.dead_letters;
+        assert_eq!(dead.num_rows(), 2);
+        let errors = dead
+            .column_by_name("_error")
+            .expect("error")
+            .as_string::<i32>();
+        let offsets = dead
+            .column_by_name("_offset")
+            .expect("offset")
+            .as_primitive::<arrow::datatypes::Int64Type>();
+        let by_offset: BTreeMap<i64, &str> = (0..2)
+            .map(|r| (offsets.value(r), errors.value(r)))
+            .collect();
+        assert!(by_offset[&1].contains("field `x`"), "{by_offset:?}");
+        assert!(by_offset[&2].contains("op `x`"), "{by_offset:?}");
     }
 }

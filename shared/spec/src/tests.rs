@@ -251,3 +251,75 @@ fn kafka_sources_need_brokers_and_topics() {
     let e = err("name: cdc\nsources:\n  - { name: c, format: kafka-debezium }\n");
     assert_eq!(e.path, "sources[0].kafka");
 }
+
+#[test]
+fn apply_changes_tables_read_change_sources_with_typed_columns() {
+    let yaml = |silver: &str| {
+        format!(
+            "name: cdc\nsources:\n  - {{ name: c, format: kafka-debezium, kafka: {{ brokers: b, topics: [t] }} }}\n  - {{ name: f, format: csv, path: x.csv }}\nsilver:\n{silver}\ngold:\n  - {{ name: g, sql: \"SELECT count(*) AS n, max(__sequence) AS s FROM cur\" }}\n"
+        )
+    };
+    let ok = Pipeline::parse(&yaml(
+        "  - { name: cur, from: bronze.c, apply_changes: { stored_as: scd2, track_history_on: [email] }, columns: [{ name: id, type: int64 }, { name: email, type: string }] }",
+    ))
+    .expect("valid apply_changes table");
+    let apply = ok.spec.silver[0].apply_changes.as_ref().expect("apply");
+    assert_eq!((apply.stored_as, apply.buckets), (crate::ScdType::Scd2, 16));
+    // Bronze is read as its change columns, whatever the silver columns are named.
+    let read = ok
+        .columns_read(
+            &TableRef::new(Layer::Silver, "cur"),
+            &TableRef::new(Layer::Bronze, "c"),
+        )
+        .expect("columns");
+    assert!(read.contains(&"after".to_string()) && !read.contains(&"email".to_string()));
+
+    for (silver, path) in [
+        (
+            "  - { name: cur, from: bronze.f, apply_changes: {}, columns: [{ name: id, type: int64 }] }",
+            "silver[0].from",
+        ),
+        (
+            "  - { name: cur, from: bronze.c, apply_changes: {}, columns: [{ name: id }] }",
+            "silver[0].columns[0].type",
+        ),
+        (
+            "  - { name: cur, from: bronze.c, apply_changes: {}, columns: [{ name: __id, type: int64 }] }",
+            "silver[0].columns[0].name",
+        ),
+        (
+            "  - { name: cur, from: bronze.c, apply_changes: {}, filter: 'id > 0', columns: [{ name: id, type: int64 }] }",
+            "silver[0].filter",
+        ),
+        (
+            "  - { name: cur, from: bronze.c, apply_changes: { track_history_on: [id] }, columns: [{ name: id, type: int64 }] }",
+            "silver[0].apply_changes.track_history_on",
+        ),
+        (
+            "  - { name: cur, from: bronze.c, apply_changes: { stored_as: scd2, track_history_on: [nope] }, columns: [{ name: id, type: int64 }] }",
+            "silver[0].apply_changes.track_history_on[0]",
+        ),
+        (
+            "  - { name: cur, from: bronze.c, apply_changes: { buckets: 0 }, columns: [{ name: id, type: int64 }] }",
+            "silver[0].apply_changes.buckets",
+        ),
+        (
+            "  - { name: cur, from: bronze.c, apply_changes: {} }",
+            "silver[0].columns",
+        ),
+    ] {
+        assert_eq!(err(&yaml(silver)).path, path, "{silver}");
+    }
+}
+
+#[test]
+fn streaming_pipelines_take_no_schedule() {
+    let base =
+        "sources:\n  - { name: c, format: kafka-debezium, kafka: { brokers: b, topics: [t] } }\n";
+    let ok = Pipeline::parse(&format!("name: s\nmode: streaming\n{base}")).expect("streaming");
+    assert_eq!(ok.spec.mode, crate::PipelineMode::Streaming);
+    let e = err(&format!(
+        "name: s\nmode: streaming\nschedule: '0 * * * * *'\n{base}"
+    ));
+    assert_eq!(e.path, "schedule");
+}
