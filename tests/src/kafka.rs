@@ -18,17 +18,46 @@ use crate::free_port;
 pub struct Broker {
     pub bootstrap: String,
     producer: FutureProducer,
-    _dir: tempfile::TempDir,
-    _child: Child,
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Child,
 }
 
 impl Broker {
     pub async fn start() -> anyhow::Result<Broker> {
-        let binary = std::env::var("MEDALLION_TANSU").unwrap_or_else(|_| "tansu".into());
         let dir = tempfile::tempdir()?;
         let port = free_port();
+        let child = Self::spawn(&dir, port).await?;
+        let bootstrap = format!("127.0.0.1:{port}");
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("message.timeout.ms", "30000")
+            .create()
+            .context("Kafka producer")?;
+        Ok(Broker {
+            bootstrap,
+            producer,
+            dir,
+            port,
+            child,
+        })
+    }
+
+    /// Kills the broker process (SIGKILL) and starts it again on the same port and data.
+    pub async fn restart(&mut self, down_for: Duration) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        tokio::time::sleep(down_for).await;
+        self.child = Self::spawn(&self.dir, self.port).await?;
+        Ok(())
+    }
+
+    async fn spawn(dir: &tempfile::TempDir, port: u16) -> anyhow::Result<Child> {
+        let binary = std::env::var("MEDALLION_TANSU").unwrap_or_else(|_| "tansu".into());
         let url = format!("tcp://127.0.0.1:{port}");
-        let log = std::fs::File::create(dir.path().join("tansu.log"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("tansu.log"))?;
         // The SQLite path is relative to the working directory, so run it in the folder.
         let child = Command::new(&binary)
             .current_dir(dir.path())
@@ -49,7 +78,6 @@ impl Broker {
             .with_context(|| {
                 format!("starting the tansu broker ({binary}); tests/run.sh installs it")
             })?;
-        let bootstrap = format!("127.0.0.1:{port}");
         for _ in 0..200 {
             if tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
@@ -59,17 +87,7 @@ impl Broker {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("message.timeout.ms", "10000")
-            .create()
-            .context("Kafka producer")?;
-        Ok(Broker {
-            bootstrap,
-            producer,
-            _dir: dir,
-            _child: child,
-        })
+        Ok(child)
     }
 
     pub async fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {

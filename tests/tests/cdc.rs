@@ -83,10 +83,10 @@ async fn produce(broker: &Broker, from: u64, count: u64) -> u64 {
 }
 
 /// (partition, offset) of every bronze row, checking none repeats; and the rows with `_error`.
-async fn bronze_rows(cluster: &Cluster) -> (BTreeSet<(i64, i64)>, usize) {
+async fn bronze_rows(cluster: &Cluster, table: &str) -> (BTreeSet<(i64, i64)>, usize) {
     let mut seen = BTreeSet::new();
     let mut errors = 0;
-    for b in cluster.read("bronze.customers").await.expect("read bronze") {
+    for b in cluster.read(table).await.expect("read bronze") {
         for r in 0..b.num_rows() {
             let at = (
                 values::int(&b, "_partition", r),
@@ -126,7 +126,7 @@ async fn debezium_events_land_in_bronze_exactly_once() {
     }
     let (run, _) = cluster.run("cdc", false).await.expect("run 1");
     assert!(succeeded(&run), "{run:?}");
-    let (rows, errors) = bronze_rows(&cluster).await;
+    let (rows, errors) = bronze_rows(&cluster, "bronze.customers").await;
     assert_eq!(rows.len() as u64, expected);
     assert_eq!(errors, 3);
     let bronze = cluster.read("bronze.customers").await.expect("read");
@@ -179,7 +179,7 @@ async fn debezium_events_land_in_bronze_exactly_once() {
     let _ = cluster.follow(&run_id).await;
     let (run, _) = cluster.run("cdc", false).await.expect("run 4");
     assert!(succeeded(&run), "{run:?}");
-    let (rows, _) = bronze_rows(&cluster).await;
+    let (rows, _) = bronze_rows(&cluster, "bronze.customers").await;
     assert_eq!(rows.len() as u64, expected, "messages lost or repeated");
 }
 
@@ -767,8 +767,8 @@ async fn wait_for_silver(cluster: &Cluster, state: &std::collections::BTreeMap<i
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_streaming_pipeline_applies_changes_on_its_own_and_pauses() {
-    let broker = Broker::start().await.expect("broker");
+async fn a_streaming_pipeline_applies_changes_on_its_own_pauses_and_survives_a_broker_restart() {
+    let mut broker = Broker::start().await.expect("broker");
     broker
         .create_topic("pg.public.customers", PARTITIONS)
         .await
@@ -886,4 +886,19 @@ gold:
         .await
         .expect("resume");
     wait_for_silver(&cluster, &state).await;
+
+    // The broker dies and comes back: the stream resumes on its own, every message once.
+    broker
+        .restart(std::time::Duration::from_secs(2))
+        .await
+        .expect("restart broker");
+    let after = generate(&mut rng, &mut state, &mut position, 300, 100);
+    deliver(&broker, "pg.public.customers", &after, false, 0, &mut rng).await;
+    wait_for_silver(&cluster, &state).await;
+    let (messages, _) = bronze_rows(&cluster, "bronze.customers_pg").await;
+    // Every change once, plus the 50 re-sent ones; tombstones are not rows.
+    assert_eq!(
+        messages.len(),
+        changes.len() + 50 + more.len() + after.len()
+    );
 }
