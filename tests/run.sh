@@ -26,10 +26,11 @@ fi
 "$venv/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt
 export MEDALLION_TEST_PYTHON="$venv/bin/python"
 
-# Build tools of the Kafka client (librdkafka is compiled from source by rdkafka's cmake-build).
-if ! command -v cmake >/dev/null || ! [ -e /usr/include/x86_64-linux-gnu/curl/curl.h ] && ! [ -e /usr/include/curl/curl.h ]; then
-  echo "installing cmake and libcurl headers"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q cmake libcurl4-openssl-dev >/dev/null
+# Build tools of the Kafka client (librdkafka is compiled from source by rdkafka's cmake-build,
+# with OpenSSL for TLS and SASL).
+if ! command -v cmake >/dev/null || ! dpkg -s libcurl4-openssl-dev libssl-dev >/dev/null 2>&1; then
+  echo "installing cmake, libcurl and OpenSSL headers"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q cmake libcurl4-openssl-dev libssl-dev pkg-config >/dev/null
 fi
 
 # The Kafka-compatible broker of the CDC tests (tansu, SQLite storage), built once into a

@@ -419,3 +419,33 @@ async fn commit(
         .await
         .map_err(TaskError::internal)
 }
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::ClientConfig;
+    use rdkafka::consumer::BaseConsumer;
+
+    /// librdkafka refuses, at creation, settings its build does not support.
+    #[test]
+    fn the_kafka_client_speaks_tls_and_sasl() {
+        for (protocol, mechanism) in [
+            ("SSL", None),
+            ("SASL_SSL", Some("SCRAM-SHA-512")),
+            ("SASL_SSL", Some("PLAIN")),
+        ] {
+            let mut config = ClientConfig::new();
+            config
+                .set("bootstrap.servers", "127.0.0.1:1")
+                .set("group.id", "medallion-test")
+                .set("security.protocol", protocol);
+            if let Some(mechanism) = mechanism {
+                config
+                    .set("sasl.mechanisms", mechanism)
+                    .set("sasl.username", "user")
+                    .set("sasl.password", "secret");
+            }
+            let consumer: Result<BaseConsumer, _> = config.create();
+            assert!(consumer.is_ok(), "{protocol} {mechanism:?}: {:?}", consumer.err());
+        }
+    }
+}
