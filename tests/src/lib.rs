@@ -117,6 +117,8 @@ pub struct ClusterOptions {
     pub api_token: Option<String>,
     /// Refiner processes (at least one); the others reach them all through one URL list.
     pub refiners: usize,
+    /// Ingestor processes (at least one), likewise.
+    pub ingestors: usize,
     /// Lake root for every service (an `s3://` URL, say); default: a folder of the cluster's.
     pub lake: Option<String>,
 }
@@ -148,6 +150,8 @@ pub struct Cluster {
     ports: [u16; 4],
     /// Ports of refiner replicas after the first.
     more_refiners: Vec<u16>,
+    /// Ports of ingestor replicas after the first.
+    more_ingestors: Vec<u16>,
     metrics_ports: [u16; 4],
     children: Vec<(Service, usize, Child)>,
     options: ClusterOptions,
@@ -169,6 +173,7 @@ impl Cluster {
             dir,
             ports: [free_port(), free_port(), free_port(), free_port()],
             more_refiners: (1..options.refiners).map(|_| free_port()).collect(),
+            more_ingestors: (1..options.ingestors).map(|_| free_port()).collect(),
             metrics_ports: [free_port(), free_port(), free_port(), free_port()],
             children: Vec::new(),
             options,
@@ -192,7 +197,9 @@ impl Cluster {
 
     /// Every process of the cluster in start order: (service, replica).
     fn processes(&self) -> Vec<(Service, usize)> {
-        let mut all = vec![(Service::Ingestor, 0)];
+        let mut all: Vec<(Service, usize)> = (0..=self.more_ingestors.len())
+            .map(|r| (Service::Ingestor, r))
+            .collect();
         all.extend((0..=self.more_refiners.len()).map(|r| (Service::Refiner, r)));
         all.extend([(Service::Aggregator, 0), (Service::Coordinator, 0)]);
         all
@@ -201,6 +208,7 @@ impl Cluster {
     fn port(&self, s: Service, replica: usize) -> u16 {
         match (s, replica) {
             (_, 0) => self.ports[s as usize],
+            (Service::Ingestor, r) => self.more_ingestors[r - 1],
             (_, r) => self.more_refiners[r - 1],
         }
     }
@@ -222,10 +230,10 @@ impl Cluster {
 
     /// Every replica's URL, comma-separated, as the other services are configured with.
     pub fn urls(&self, s: Service) -> String {
-        let replicas = if s == Service::Refiner {
-            self.more_refiners.len() + 1
-        } else {
-            1
+        let replicas = match s {
+            Service::Refiner => self.more_refiners.len() + 1,
+            Service::Ingestor => self.more_ingestors.len() + 1,
+            _ => 1,
         };
         (0..replicas)
             .map(|r| self.replica_url(s, r))
@@ -275,7 +283,7 @@ impl Cluster {
                 "--lake".into(),
                 lake,
                 "--bronze-flight".into(),
-                self.url(Service::Ingestor),
+                self.urls(Service::Ingestor),
             ],
             Service::Aggregator => vec![
                 "--listen".into(),
@@ -291,7 +299,7 @@ impl Cluster {
                 "--state-dir".into(),
                 self.dir.path().join("state").display().to_string(),
                 "--ingestor".into(),
-                self.url(Service::Ingestor),
+                self.urls(Service::Ingestor),
                 "--refiner".into(),
                 self.urls(Service::Refiner),
                 "--aggregator".into(),

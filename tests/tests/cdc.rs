@@ -902,3 +902,81 @@ gold:
         changes.len() + 50 + more.len() + after.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_ingestor_replicas_share_the_partitions() {
+    let broker = Broker::start().await.expect("broker");
+    broker
+        .create_topic("pg.public.customers", PARTITIONS)
+        .await
+        .expect("topic");
+    let cluster = Cluster::start_with(medallion_tests::ClusterOptions {
+        ingestors: 2,
+        ..Default::default()
+    })
+    .await
+    .expect("cluster");
+    let spec = format!(
+        r#"
+name: shared
+sources:
+  - name: customers_pg
+    format: kafka-debezium
+    kafka: {{ brokers: "{}", topics: [pg.public.customers], readers: 2, idle_ms: 1000 }}
+silver:
+  - name: customers
+    from: bronze.customers_pg
+    apply_changes: {{ stored_as: scd1 }}
+    columns:
+      - {{ name: id, type: int64 }}
+      - {{ name: name, type: string }}
+      - {{ name: region, type: string }}
+      - {{ name: balance, type: "decimal(12,2)" }}
+      - {{ name: visits, type: int64 }}
+      - {{ name: signup, type: date }}
+"#,
+        broker.bootstrap
+    );
+    cluster.apply(&spec).await.expect("apply");
+    let mut rng = Rng(7);
+    let mut state = Default::default();
+    let mut position = 1000u64;
+    let mut sent = 0;
+    for round in 0..2 {
+        let changes = generate(&mut rng, &mut state, &mut position, 800, 150);
+        deliver(
+            &broker,
+            "pg.public.customers",
+            &changes,
+            false,
+            40,
+            &mut rng,
+        )
+        .await;
+        sent += changes.len() + 40;
+        let (run, _) = cluster.run("shared", false).await.expect("run");
+        assert!(succeeded(&run), "round {round}: {run:?}");
+        let got: std::collections::BTreeMap<i64, Customer> =
+            scd1_rows(&cluster.read("silver.customers").await.expect("read"))
+                .into_iter()
+                .map(|(id, (c, _))| (id, c))
+                .collect();
+        assert_eq!(got, state, "round {round}");
+        let (messages, _) = bronze_rows(&cluster, "bronze.customers_pg").await;
+        assert_eq!(
+            messages.len(),
+            sent,
+            "round {round}: messages lost or repeated"
+        );
+    }
+    // Each replica read its share: one reader has partitions 0 and 2, the other partition 1.
+    let shares: Vec<String> = (0..2)
+        .map(|r| cluster.replica_log(Service::Ingestor, r))
+        .collect();
+    for (r, log) in shares.iter().enumerate() {
+        assert!(
+            log.contains("reading Kafka"),
+            "replica {r} read no partition:\n{log}"
+        );
+    }
+}

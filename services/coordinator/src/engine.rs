@@ -652,6 +652,8 @@ impl Engine {
                         table: Some(table_to_pb(&table_ref)),
                         full_refresh: run.full_refresh,
                         inputs,
+                        shard: 0,
+                        shards: 0,
                     };
                     let policy = parsed.policy(&table_ref);
                     let engine = self.clone();
@@ -767,6 +769,7 @@ impl Engine {
         cancel: CancellationToken,
     ) -> TaskOutcome {
         let name = table.to_string();
+        let shards = readers(&table, &request);
         let mut backoff = Duration::from_millis(policy.backoff_ms);
         for attempt in 1..=policy.retries.saturating_add(1) {
             self.set_task(
@@ -786,7 +789,7 @@ impl Engine {
             let mut attempt_request = request.clone();
             attempt_request.task_id = format!("{}#{attempt}", request.task_id);
             let task_id = attempt_request.task_id.clone();
-            let call = self.call_stage(run_id, &table, attempt_request, &cancel);
+            let call = self.call_readers(run_id, &table, attempt_request, shards, &cancel);
             let result = tokio::select! {
                 r = tokio::time::timeout(Duration::from_secs(policy.timeout_secs), call) => match r {
                     Ok(r) => r,
@@ -815,7 +818,9 @@ impl Engine {
                 }
                 Err(status) if cancel.is_cancelled() => {
                     let mut client = StageServiceClient::new(self.endpoints.for_layer(table.layer));
-                    let _ = client.cancel_task(pb::CancelTaskRequest { task_id }).await;
+                    for task_id in reader_task_ids(&task_id, shards) {
+                        let _ = client.cancel_task(pb::CancelTaskRequest { task_id }).await;
+                    }
                     self.set_task(run_id, &name, None, |t| {
                         t.state = TaskState::Cancelled;
                         t.error = Some(status.message().to_string());
@@ -861,6 +866,57 @@ impl Engine {
             }
         }
         TaskOutcome::Failed
+    }
+
+    /// Runs a task as `shards` readers at once (each a call of its own, which the balanced
+    /// channel spreads over the replicas) and merges their manifests: the table as the last
+    /// commit left it, with the rows and lag of all.
+    async fn call_readers(
+        &self,
+        run_id: &str,
+        table: &TableRef,
+        request: pb::RunTaskRequest,
+        shards: u32,
+        cancel: &CancellationToken,
+    ) -> Result<pb::TaskManifest, tonic::Status> {
+        if shards <= 1 {
+            return self.call_stage(run_id, table, request, cancel).await;
+        }
+        let calls = reader_task_ids(&request.task_id, shards)
+            .into_iter()
+            .enumerate()
+            .map(|(shard, task_id)| {
+                let mut request = request.clone();
+                request.task_id = task_id;
+                request.shard = shard as u32;
+                request.shards = shards;
+                self.call_stage(run_id, table, request, cancel)
+            });
+        let mut merged: Option<pb::TaskManifest> = None;
+        for manifest in futures::future::join_all(calls).await {
+            let m = manifest?;
+            merged = Some(match merged {
+                None => m,
+                Some(mut acc) => {
+                    let (rows, committed) = (
+                        acc.rows_written + m.rows_written,
+                        acc.committed || m.committed,
+                    );
+                    let lag = match (acc.source_lag, m.source_lag) {
+                        (a, b) if a < 0 || b < 0 => -1,
+                        (a, b) => a + b,
+                    };
+                    if m.version > acc.version {
+                        acc = m;
+                    }
+                    acc.rows_written = rows;
+                    acc.committed = committed;
+                    acc.source_lag = lag;
+                    acc
+                }
+            });
+        }
+        merged.ok_or_else(|| tonic::Status::internal("no reader ran"))
     }
 
     /// Calls the layer service and relays its progress until the manifest arrives.
@@ -939,6 +995,30 @@ fn active_run(state: &State, pipeline: &str) -> Option<String> {
         .values()
         .find(|r| r.pipeline == pipeline && !r.state.is_finished())
         .map(|r| r.id.clone())
+}
+
+/// How many readers run a task at once: a Kafka source's `readers` (one for a full refresh,
+/// which rewrites the table), else one.
+fn readers(table: &TableRef, request: &pb::RunTaskRequest) -> u32 {
+    if table.layer != Layer::Bronze || request.full_refresh {
+        return 1;
+    }
+    Pipeline::parse(&request.spec_yaml)
+        .ok()
+        .and_then(|p| {
+            p.source(&table.name)
+                .and_then(|s| s.kafka.as_ref())
+                .map(|k| k.readers)
+        })
+        .unwrap_or(1)
+}
+
+/// The task ids of a task's readers (its own id when it has one reader).
+fn reader_task_ids(task_id: &str, shards: u32) -> Vec<String> {
+    if shards <= 1 {
+        return vec![task_id.to_string()];
+    }
+    (0..shards).map(|i| format!("{task_id}/{i}")).collect()
 }
 
 /// One table's latest version, per [`Engine::freshness`].

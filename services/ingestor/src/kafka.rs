@@ -245,7 +245,10 @@ pub async fn run(
                 kafka.brokers
             )));
         }
-        for partition in ids {
+        // One of several readers takes its share of the partitions.
+        let shards = task.shards.max(1) as i32;
+        let shard = task.shard as i32;
+        for partition in ids.into_iter().filter(|p| p % shards == shard) {
             let committed = match (&current, task.full_refresh) {
                 (Some(snapshot), false) => snapshot
                     .app_version(&app_id(topic, partition))
@@ -272,7 +275,9 @@ pub async fn run(
     let idle = Duration::from_millis(kafka.idle_ms);
     // The first fetch also waits for the connection and the partition leaders.
     let mut wait = idle.max(FIRST_WAIT);
-    let mut overwrite = task.full_refresh || current.is_none();
+    // A rewrite starts from nothing; with several readers at once each only appends its share
+    // (the coordinator runs a full refresh as one reader).
+    let mut overwrite = (task.full_refresh || current.is_none()) && task.shards <= 1;
     let mut last_outcome: Option<CommitOutcome> = None;
     let (mut total, mut commits) = (0u64, 0u64);
     let mut batch = BatchBuilder::new();
@@ -334,11 +339,12 @@ pub async fn run(
                 .writer(Layer::Bronze, name, change_schema())
                 .await
                 .map_err(TaskError::internal)?;
-            let spec = commit_spec(
-                task,
-                WriteMode::Overwrite,
-                vec![(format!("kafka:{name}"), 0)],
-            );
+            let mode = if task.shards <= 1 {
+                WriteMode::Overwrite
+            } else {
+                WriteMode::Append
+            };
+            let spec = commit_spec(task, mode, vec![(format!("kafka:{name}"), 0)]);
             let outcome = writer.commit(spec).await.map_err(TaskError::internal)?;
             Manifest::after_commit(lake, &task.table, &outcome).await?
         }
@@ -445,7 +451,11 @@ mod tests {
                     .set("sasl.password", "secret");
             }
             let consumer: Result<BaseConsumer, _> = config.create();
-            assert!(consumer.is_ok(), "{protocol} {mechanism:?}: {:?}", consumer.err());
+            assert!(
+                consumer.is_ok(),
+                "{protocol} {mechanism:?}: {:?}",
+                consumer.err()
+            );
         }
     }
 }

@@ -524,6 +524,12 @@ fn check_source_location(i: usize, source: &crate::SourceSpec) -> Result<(), Spe
                 "`max_batch_rows` and `idle_ms` must be above 0",
             ));
         }
+        if kafka.readers == 0 || kafka.readers > 64 {
+            return Err(SpecError::new(
+                at("kafka.readers"),
+                "must be between 1 and 64",
+            ));
+        }
         return Ok(());
     }
     let Some(http) = &source.http else {

@@ -32,6 +32,9 @@ pub struct TaskRequest {
     pub full_refresh: bool,
     /// Upstream manifests of this run, by table.
     pub inputs: BTreeMap<TableRef, Manifest>,
+    /// This task reads the share `shard` of `shards` of its (Kafka) source; `shards <= 1`: all.
+    pub shard: u32,
+    pub shards: u32,
 }
 
 impl TaskRequest {
@@ -668,6 +671,8 @@ impl TryFrom<pb::RunTaskRequest> for TaskRequest {
             table,
             full_refresh: r.full_refresh,
             inputs,
+            shard: r.shard,
+            shards: r.shards,
         })
     }
 }
