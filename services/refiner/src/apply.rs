@@ -697,6 +697,7 @@ impl ChangeTable {
         let mut rows: Vec<(u32, u32, Option<u32>)> = Vec::new();
         let mut tombstones: Vec<u32> = Vec::new();
         let order = order.values();
+        let mut group: Vec<u32> = Vec::new();
         let mut i = 0;
         while i < order.len() {
             let key = keys.value(order[i] as usize);
@@ -705,13 +706,15 @@ impl ChangeTable {
                 end += 1;
             }
             // One event per sequence: the last of equal ones.
-            let group: Vec<u32> = (i..end)
-                .filter(|&j| {
-                    j + 1 == end
-                        || seqs.value(order[j] as usize) != seqs.value(order[j + 1] as usize)
-                })
-                .map(|j| order[j])
-                .collect();
+            group.clear();
+            group.extend(
+                (i..end)
+                    .filter(|&j| {
+                        j + 1 == end
+                            || seqs.value(order[j] as usize) != seqs.value(order[j + 1] as usize)
+                    })
+                    .map(|j| order[j]),
+            );
             match &tracked {
                 None => {
                     if let Some(&last) = group.last() {
