@@ -455,30 +455,41 @@ sources:
     format: kafka-debezium
     kafka: {{ brokers: "{bootstrap}", topics: [my.shop.customers], max_batch_rows: 1000, idle_ms: 1500 }}
 silver:
-  - name: customers
-    from: bronze.customers_pg
-    apply_changes: {{ stored_as: scd1, buckets: 8 }}
-    columns: &customer
+{}{}{}gold:
+  - name: balance_by_region
+    sql: SELECT region, COUNT(*) AS customers, SUM(balance) AS balance FROM customers GROUP BY region
+    warehouse: {{ table: {schema}.balance_by_region, mode: merge, keys: [region] }}
+warehouse:
+  postgres: {{ url_env: MEDALLION_WAREHOUSE_URL }}
+"#,
+        customers_silver(
+            "customers",
+            "bronze.customers_pg",
+            "stored_as: scd1, buckets: 8"
+        ),
+        customers_silver(
+            "customers_history",
+            "bronze.customers_pg",
+            "stored_as: scd2, track_history_on: [name, region, balance]"
+        ),
+        customers_silver("customers_mysql", "bronze.customers_my", "stored_as: scd1"),
+    )
+}
+
+/// A silver entry applying a customers change source with `apply` (the inside of the
+/// `apply_changes` block).
+fn customers_silver(name: &str, from: &str, apply: &str) -> String {
+    format!(
+        r#"  - name: {name}
+    from: {from}
+    apply_changes: {{ {apply} }}
+    columns:
       - {{ name: id, type: int64 }}
       - {{ name: name, type: string }}
       - {{ name: region, type: string }}
       - {{ name: balance, type: "decimal(12,2)" }}
       - {{ name: visits, type: int64 }}
       - {{ name: signup, type: date }}
-  - name: customers_history
-    from: bronze.customers_pg
-    apply_changes: {{ stored_as: scd2, track_history_on: [name, region, balance] }}
-    columns: *customer
-  - name: customers_mysql
-    from: bronze.customers_my
-    apply_changes: {{ stored_as: scd1 }}
-    columns: *customer
-gold:
-  - name: balance_by_region
-    sql: SELECT region, COUNT(*) AS customers, SUM(balance) AS balance FROM customers GROUP BY region
-    warehouse: {{ table: {schema}.balance_by_region, mode: merge, keys: [region] }}
-warehouse:
-  postgres: {{ url_env: MEDALLION_WAREHOUSE_URL }}
 "#
     )
 }
@@ -783,21 +794,12 @@ sources:
     format: kafka-debezium
     kafka: {{ brokers: "{}", topics: [pg.public.customers], idle_ms: 300, max_task_ms: 500 }}
 silver:
-  - name: customers
-    from: bronze.customers_pg
-    apply_changes: {{ stored_as: scd1 }}
-    columns:
-      - {{ name: id, type: int64 }}
-      - {{ name: name, type: string }}
-      - {{ name: region, type: string }}
-      - {{ name: balance, type: "decimal(12,2)" }}
-      - {{ name: visits, type: int64 }}
-      - {{ name: signup, type: date }}
-gold:
+{}gold:
   - name: by_region
     sql: SELECT region, COUNT(*) AS customers FROM customers GROUP BY region
 "#,
-        broker.bootstrap
+        broker.bootstrap,
+        customers_silver("customers", "bronze.customers_pg", "stored_as: scd1")
     );
     cluster.apply(&spec).await.expect("apply");
     let mut rng = Rng(42);
@@ -924,18 +926,9 @@ sources:
     format: kafka-debezium
     kafka: {{ brokers: "{}", topics: [pg.public.customers], readers: 2, idle_ms: 1000 }}
 silver:
-  - name: customers
-    from: bronze.customers_pg
-    apply_changes: {{ stored_as: scd1 }}
-    columns:
-      - {{ name: id, type: int64 }}
-      - {{ name: name, type: string }}
-      - {{ name: region, type: string }}
-      - {{ name: balance, type: "decimal(12,2)" }}
-      - {{ name: visits, type: int64 }}
-      - {{ name: signup, type: date }}
-"#,
-        broker.bootstrap
+{}"#,
+        broker.bootstrap,
+        customers_silver("customers", "bronze.customers_pg", "stored_as: scd1")
     );
     cluster.apply(&spec).await.expect("apply");
     let mut rng = Rng(7);

@@ -334,6 +334,11 @@ fn dead_letter_schema() -> SchemaRef {
     ]))
 }
 
+/// A text column of `n` times `value`.
+fn repeated(value: &str, n: usize) -> ArrayRef {
+    Arc::new(StringArray::from_iter_values(std::iter::repeat_n(value, n)))
+}
+
 fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, TaskError> {
     batch
         .column_by_name(name)
@@ -577,9 +582,7 @@ impl ChangeTable {
         };
         arrays.push(text("key")?);
         arrays.push(text("sequence")?);
-        arrays.push(Arc::new(StringArray::from_iter_values(
-            std::iter::repeat_n(op, n),
-        )));
+        arrays.push(repeated(op, n));
         RecordBatch::try_new(self.event_schema.clone(), arrays)
             .map_err(arrow_error(&self.name, "building change events"))
     }
@@ -619,9 +622,7 @@ impl ChangeTable {
         arrays.push(column(batch, CHANGE_KEY)?.clone());
         arrays.push(column(batch, since)?.clone());
         let op = if hidden { "d" } else { "u" };
-        arrays.push(Arc::new(StringArray::from_iter_values(
-            std::iter::repeat_n(op, n),
-        )));
+        arrays.push(repeated(op, n));
         RecordBatch::try_new(self.event_schema.clone(), arrays)
             .map_err(arrow_error(&self.name, "reading stored rows"))
     }
@@ -819,12 +820,8 @@ impl ChangeTable {
             .map(|f| new_null_array(f.data_type(), n))
             .collect();
         arrays.push(Arc::new(keys));
-        arrays.push(Arc::new(StringArray::from_iter_values(
-            std::iter::repeat_n(at, n),
-        )));
-        arrays.push(Arc::new(StringArray::from_iter_values(
-            std::iter::repeat_n("d", n),
-        )));
+        arrays.push(repeated(at, n));
+        arrays.push(repeated("d", n));
         RecordBatch::try_new(self.event_schema.clone(), arrays)
             .map_err(arrow_error(&self.name, "applying a truncate"))
     }
