@@ -9,16 +9,18 @@
 
 use serde_json::{Map, Value};
 
-/// One parsed change event.
+use crate::json_fields::{fields, plain_string};
+
+/// One parsed change event; the images and `source` are the message's own text.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Change {
+pub struct Change<'a> {
     pub op: Op,
     /// JSON text of the row key.
     pub key: String,
     pub sequence: String,
-    pub before: Option<String>,
-    pub after: Option<String>,
-    pub source: Option<String>,
+    pub before: Option<&'a str>,
+    pub after: Option<&'a str>,
+    pub source: Option<&'a str>,
     pub ts_ms: Option<i64>,
 }
 
@@ -45,8 +47,8 @@ impl Op {
 
 /// What a message is.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    Change(Change),
+pub enum Event<'a> {
+    Change(Change<'a>),
     /// A null value after a delete: it only lets Kafka compact the key away.
     Tombstone,
 }
@@ -60,38 +62,50 @@ pub struct Options {
     pub sequence_field: Option<String>,
 }
 
+/// The envelope members a change is read from.
+const ENVELOPE: [&str; 7] = [
+    "schema", "payload", "op", "before", "after", "source", "ts_ms",
+];
+
 /// Parses one message (`key` and `value` as Kafka delivered them). The error says what is
 /// wrong, for the dead-letter row.
-pub fn parse(key: Option<&[u8]>, value: Option<&[u8]>, options: &Options) -> Result<Event, String> {
+pub fn parse<'a>(
+    key: Option<&[u8]>,
+    value: Option<&'a [u8]>,
+    options: &Options,
+) -> Result<Event<'a>, String> {
     let Some(value) = value else {
         return Ok(Event::Tombstone);
     };
-    let document: Value =
-        serde_json::from_slice(value).map_err(|e| format!("value is not JSON: {e}"))?;
-    let envelope = unwrap_schema(&document);
-    let Value::Object(envelope) = envelope else {
-        return Err("value is not a JSON object".into());
+    let text = std::str::from_utf8(value).map_err(|e| format!("value is not JSON: {e}"))?;
+    let members = fields(text, ENVELOPE).map_err(|e| not_an_object(text, &e))?;
+    // With schemas on, the converter wraps the envelope as `{"schema": …, "payload": …}`.
+    let [_, _, op, before, after, source, ts_ms] = match members {
+        [Some(_), Some(payload), None, ..] => {
+            fields(payload, ENVELOPE).map_err(|e| format!("`payload` is not an object: {e}"))?
+        }
+        members => members,
     };
-    let op = match envelope.get("op") {
-        Some(Value::String(op)) => match op.as_str() {
-            "c" => Op::Create,
-            "u" => Op::Update,
-            "d" => Op::Delete,
-            "r" => Op::Read,
-            "t" => Op::Truncate,
-            other => return Err(format!("unknown op `{other}`")),
+    let op = match op {
+        Some(raw) => match plain_string(raw) {
+            Some("c") => Op::Create,
+            Some("u") => Op::Update,
+            Some("d") => Op::Delete,
+            Some("r") => Op::Read,
+            Some("t") => Op::Truncate,
+            Some(other) => return Err(format!("unknown op `{other}`")),
+            None => return Err(format!("`op` is not a string: {raw}")),
         },
-        Some(other) => return Err(format!("`op` is not a string: {other}")),
         None => return Err("no `op` field (not a Debezium change event)".into()),
     };
-    let image = |name: &str| -> Result<Option<&Map<String, Value>>, String> {
-        match envelope.get(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::Object(row)) => Ok(Some(row)),
+    let image = |name: &str, raw: Option<&'a str>| -> Result<Option<&'a str>, String> {
+        match raw {
+            None | Some("null") => Ok(None),
+            Some(row) if row.starts_with('{') => Ok(Some(row)),
             Some(other) => Err(format!("`{name}` is not an object: {other}")),
         }
     };
-    let (before, after) = (image("before")?, image("after")?);
+    let (before, after) = (image("before", before)?, image("after", after)?);
     match op {
         Op::Create | Op::Read | Op::Update if after.is_none() => {
             return Err(format!("op `{}` without an `after` image", op.as_str()));
@@ -101,16 +115,12 @@ pub fn parse(key: Option<&[u8]>, value: Option<&[u8]>, options: &Options) -> Res
         }
         _ => {}
     }
-    let source = match envelope.get("source") {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(source)) => Some(source),
-        Some(other) => return Err(format!("`source` is not an object: {other}")),
-    };
-    let ts_ms = match envelope.get("ts_ms") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(
-            v.as_i64()
-                .ok_or_else(|| format!("`ts_ms` is not an integer: {v}"))?,
+    let source = image("source", source)?;
+    let ts_ms = match ts_ms {
+        None | Some("null") => None,
+        Some(raw) => Some(
+            raw.parse::<i64>()
+                .map_err(|_| format!("`ts_ms` is not an integer: {raw}"))?,
         ),
     };
     let key_text = if op == Op::Truncate {
@@ -124,6 +134,8 @@ pub fn parse(key: Option<&[u8]>, value: Option<&[u8]>, options: &Options) -> Res
         let row = after
             .or(before)
             .ok_or("no row image to take key columns from")?;
+        let row: Map<String, Value> =
+            serde_json::from_str(row).map_err(|e| format!("row image is not JSON: {e}"))?;
         let mut picked = Map::new();
         for column in &options.key_columns {
             let value = row
@@ -138,14 +150,22 @@ pub fn parse(key: Option<&[u8]>, value: Option<&[u8]>, options: &Options) -> Res
         op,
         key: key_text,
         sequence,
-        before: before.map(|r| Value::Object(r.clone()).to_string()),
-        after: after.map(|r| Value::Object(r.clone()).to_string()),
-        source: source.map(|s| Value::Object(s.clone()).to_string()),
+        before,
+        after,
+        source,
         ts_ms,
     }))
 }
 
-/// With schemas on, the converter wraps everything as `{"schema": …, "payload": …}`.
+/// Why a value that is not an object was refused: not JSON at all, or JSON of another kind.
+fn not_an_object(text: &str, e: &crate::json_fields::Malformed) -> String {
+    match serde_json::from_str::<Value>(text) {
+        Ok(_) => "value is not a JSON object".into(),
+        Err(json) => format!("value is not JSON: {json} ({e})"),
+    }
+}
+
+/// With schemas on, the converter wraps a key as `{"schema": …, "payload": …}`.
 fn unwrap_schema(document: &Value) -> &Value {
     match document {
         Value::Object(o)
@@ -172,16 +192,24 @@ fn padded(v: &Value, what: &str) -> Result<String, String> {
     }
 }
 
-fn sequence(
-    source: Option<&Map<String, Value>>,
-    ts_ms: Option<i64>,
-    options: &Options,
-) -> Result<String, String> {
+/// The members of `source` that order changes, by connector.
+const POSITIONS: [&str; 7] = [
+    "connector",
+    "lsn",
+    "file",
+    "pos",
+    "row",
+    "change_lsn",
+    "event_serial_no",
+];
+
+fn sequence(source: Option<&str>, ts_ms: Option<i64>, options: &Options) -> Result<String, String> {
     if let Some(field) = &options.sequence_field {
         let source = source.ok_or("no `source` block for the sequence field")?;
-        let mut parts = field.split('.');
-        let mut value = parts.next().and_then(|first| source.get(first));
-        for part in parts {
+        let source: Value =
+            serde_json::from_str(source).map_err(|e| format!("`source` is not JSON: {e}"))?;
+        let mut value = Some(&source);
+        for part in field.split('.') {
             value = value.and_then(|v| v.get(part));
         }
         let value = value
@@ -190,34 +218,46 @@ fn sequence(
         return padded(value, field);
     }
     if let Some(source) = source {
-        let connector = source
-            .get("connector")
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        let field = |name: &str| source.get(name).filter(|v| !v.is_null());
-        match connector {
+        let [connector, lsn, file, pos, row, change_lsn, serial] =
+            fields(source, POSITIONS).map_err(|e| format!("`source` is not an object: {e}"))?;
+        // A member's value, decoded (positions are small: numbers or short strings).
+        let value = |raw: Option<&str>, what: &str| -> Result<Option<Value>, String> {
+            match raw {
+                None | Some("null") => Ok(None),
+                Some(raw) => serde_json::from_str(raw)
+                    .map(Some)
+                    .map_err(|e| format!("`source.{what}` is not JSON: {e}")),
+            }
+        };
+        match connector.and_then(plain_string).unwrap_or("") {
             "postgresql" => {
-                if let Some(lsn) = field("lsn") {
-                    return padded(lsn, "source.lsn");
+                if let Some(lsn) = value(lsn, "lsn")? {
+                    return padded(&lsn, "source.lsn");
                 }
             }
             "mysql" => {
-                if let (Some(Value::String(file)), Some(pos)) = (field("file"), field("pos")) {
+                if let (Some(Value::String(file)), Some(pos)) =
+                    (value(file, "file")?, value(pos, "pos")?)
+                {
                     // mysql-bin.000042: the numeric suffix orders binlog files.
-                    let number = file.rsplit('.').next().unwrap_or(file);
-                    let row =
-                        field("row").map_or(Ok("0".repeat(20)), |r| padded(r, "source.row"))?;
+                    let number = file.rsplit('.').next().unwrap_or(&file);
+                    let row = match value(row, "row")? {
+                        Some(r) => padded(&r, "source.row")?,
+                        None => "0".repeat(20),
+                    };
                     return Ok(format!(
                         "{}:{}:{row}",
                         padded(&Value::String(number.to_string()), "source.file")?,
-                        padded(pos, "source.pos")?
+                        padded(&pos, "source.pos")?
                     ));
                 }
             }
             "sqlserver" => {
-                if let Some(Value::String(lsn)) = field("change_lsn") {
-                    let serial = field("event_serial_no")
-                        .map_or(Ok("0".repeat(20)), |s| padded(s, "source.event_serial_no"))?;
+                if let Some(Value::String(lsn)) = value(change_lsn, "change_lsn")? {
+                    let serial = match value(serial, "event_serial_no")? {
+                        Some(s) => padded(&s, "source.event_serial_no")?,
+                        None => "0".repeat(20),
+                    };
                     return Ok(format!("{lsn}:{serial}"));
                 }
             }
@@ -235,7 +275,11 @@ fn sequence(
 mod tests {
     use super::*;
 
-    fn change(key: Option<&str>, value: &str, options: &Options) -> Result<Change, String> {
+    fn change<'a>(
+        key: Option<&str>,
+        value: &'a str,
+        options: &Options,
+    ) -> Result<Change<'a>, String> {
         match parse(key.map(str::as_bytes), Some(value.as_bytes()), options)? {
             Event::Change(c) => Ok(c),
             Event::Tombstone => Err("tombstone".into()),
@@ -249,9 +293,10 @@ mod tests {
     fn schemas_on_and_off_give_the_same_change() {
         let options = Options::default();
         let off = change(Some(r#"{"id":7}"#), PG_UPDATE, &options).unwrap();
+        let wrapped = format!(r#"{{"schema":{{"type":"struct"}},"payload":{PG_UPDATE}}}"#);
         let on = change(
             Some(r#"{"schema":{"type":"struct"},"payload":{"id":7}}"#),
-            &format!(r#"{{"schema":{{"type":"struct"}},"payload":{PG_UPDATE}}}"#),
+            &wrapped,
             &options,
         )
         .unwrap();
@@ -259,7 +304,7 @@ mod tests {
         assert_eq!(off.op, Op::Update);
         assert_eq!(off.key, r#"{"id":7}"#);
         assert_eq!(off.sequence, "00000000000024023128");
-        assert_eq!(off.after.as_deref(), Some(r#"{"id":7,"name":"b"}"#));
+        assert_eq!(off.after, Some(r#"{"id":7,"name":"b"}"#));
     }
 
     #[test]

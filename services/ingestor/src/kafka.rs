@@ -75,7 +75,7 @@ struct BatchBuilder {
     value: BinaryBuilder,
     rows: usize,
     /// Last offset per (topic, partition) in this batch, tombstones included.
-    last: BTreeMap<(String, i32), i64>,
+    last: BTreeMap<String, BTreeMap<i32, i64>>,
 }
 
 impl BatchBuilder {
@@ -101,7 +101,16 @@ impl BatchBuilder {
 
     fn push<M: Message>(&mut self, message: &M, options: &debezium::Options) {
         let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
-        self.last.insert((topic.to_string(), partition), offset);
+        // The topic's name is copied once per batch, not per message.
+        match self.last.get_mut(topic) {
+            Some(partitions) => {
+                partitions.insert(partition, offset);
+            }
+            None => {
+                self.last
+                    .insert(topic.to_string(), BTreeMap::from([(partition, offset)]));
+            }
+        }
         let parsed = debezium::parse(message.key(), message.payload(), options);
         let change = match parsed {
             Ok(Event::Tombstone) => return,
@@ -117,9 +126,9 @@ impl BatchBuilder {
                 self.op.append_value(c.op.as_str());
                 self.key.append_value(&c.key);
                 self.sequence.append_value(&c.sequence);
-                self.before.append_option(c.before.as_deref());
-                self.after.append_option(c.after.as_deref());
-                self.source.append_option(c.source.as_deref());
+                self.before.append_option(c.before);
+                self.after.append_option(c.after);
+                self.source.append_option(c.source);
                 self.ts_ms.append_option(c.ts_ms);
                 self.error.append_null();
                 self.value.append_null();
@@ -406,7 +415,11 @@ async fn commit(
     let rows = batch.finish(chrono::Utc::now().timestamp_micros(), &task.run_id)?;
     let txns: Vec<(String, i64)> = std::mem::take(&mut batch.last)
         .into_iter()
-        .map(|((topic, partition), offset)| (app_id(&topic, partition), offset))
+        .flat_map(|(topic, partitions)| {
+            partitions
+                .into_iter()
+                .map(move |(partition, offset)| (app_id(&topic, partition), offset))
+        })
         .collect();
     let mut writer = lake
         .writer(Layer::Bronze, name, change_schema())

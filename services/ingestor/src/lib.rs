@@ -8,6 +8,7 @@ pub mod debezium;
 mod env;
 pub mod http;
 pub mod ingest;
+mod json_fields;
 pub mod kafka;
 pub mod sources;
 
