@@ -101,9 +101,11 @@ pub async fn run(
         None => task.input_tickets(&from)?,
     };
     let phase = format!("reading changes of {from}");
+    // Parsed chunk by chunk as they stream in: only the typed events are kept, not the
+    // change rows' JSON text.
     let mut stream = refiner.bronze_flight.stream(&tickets);
-    let mut batches = Vec::new();
-    let (mut rows, mut bytes) = (0u64, 0u64);
+    let (mut parsed, mut pending) = (Vec::new(), Vec::new());
+    let (mut rows, mut bytes, mut pending_rows) = (0u64, 0u64, 0usize);
     loop {
         let next = tokio::select! {
             next = stream.next_batch() => next?,
@@ -113,20 +115,24 @@ pub async fn run(
         rows += batch.num_rows() as u64;
         bytes += medallion_flight::batch_bytes(&batch);
         progress.report(&phase, rows, bytes, false);
-        batches.push(batch);
+        pending_rows += batch.num_rows();
+        pending.push(batch);
+        if pending_rows >= PARSE_CHUNK_ROWS {
+            parsed.push(parse_chunk(&table, std::mem::take(&mut pending)).await?);
+            pending_rows = 0;
+        }
     }
     progress.report(&phase, rows, bytes, true);
-    if batches.is_empty() && !rebuild {
+    if rows == 0 && !rebuild {
         // Bronze moved without new change files (e.g. a commit of skipped tombstones only).
         if let Some(snapshot) = &current {
             return Ok(Manifest::of_snapshot(snapshot, false));
         }
     }
-
-    let parse_table = table.clone();
-    let changes = tokio::task::spawn_blocking(move || parse_table.parse_changes(&batches))
-        .await
-        .map_err(TaskError::internal)??;
+    if !pending.is_empty() {
+        parsed.push(parse_chunk(&table, pending).await?);
+    }
+    let changes = table.combine(parsed)?;
 
     // The dead letters first, recorded under the bronze version: a retry after a failed
     // silver commit finds them already there.
@@ -232,6 +238,17 @@ pub async fn run(
     manifest.quarantined_rows = quarantined_rows;
     tracing::info!(table = %task.table, bronze_version, rebuild, "changes applied");
     Ok(manifest)
+}
+
+/// Change rows parsed at a time.
+const PARSE_CHUNK_ROWS: usize = 64 * 1024;
+
+/// Parses one chunk of change rows off the async threads.
+async fn parse_chunk(table: &ChangeTable, batches: Vec<RecordBatch>) -> Result<Changes, TaskError> {
+    let table = table.clone();
+    tokio::task::spawn_blocking(move || table.parse_changes(&batches))
+        .await
+        .map_err(TaskError::internal)?
 }
 
 /// The bucket a data file holds, from its tag.
@@ -464,6 +481,32 @@ impl ChangeTable {
             buckets,
             truncated_at,
             dead_letters: dead.finish()?,
+        })
+    }
+
+    /// The changes of several chunks as one.
+    fn combine(&self, parts: Vec<Changes>) -> Result<Changes, TaskError> {
+        let mut events = Vec::with_capacity(parts.len());
+        let mut dead_letters = Vec::with_capacity(parts.len());
+        let mut buckets = BTreeSet::new();
+        let mut truncated_at: Option<String> = None;
+        for part in parts {
+            events.push(part.events);
+            dead_letters.push(part.dead_letters);
+            buckets.extend(part.buckets);
+            if let Some(at) = part.truncated_at
+                && truncated_at.as_ref().is_none_or(|t| &at > t)
+            {
+                truncated_at = Some(at);
+            }
+        }
+        Ok(Changes {
+            events: concat_batches(&self.event_schema, &events)
+                .map_err(arrow_error(&self.name, "collecting changes"))?,
+            buckets,
+            truncated_at,
+            dead_letters: concat_batches(&dead_letter_schema(), &dead_letters)
+                .map_err(arrow_error(&self.name, "collecting dead letters"))?,
         })
     }
 
