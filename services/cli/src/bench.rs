@@ -70,6 +70,22 @@ pub(crate) async fn run_to_end(
         .into_inner())
 }
 
+/// CPU seconds (user + system) a process has used so far, from /proc (clock ticks of 1/100 s,
+/// as on Linux).
+pub(crate) fn cpu_secs(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+            let rest = s.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let ticks =
+                fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+            Some(ticks as f64 / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
 /// Peak resident memory (VmHWM) of a process, in bytes.
 pub(crate) fn peak_rss(pid: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -29,8 +29,10 @@ const POLL: Duration = Duration::from_millis(100);
 
 /// The bench pipeline: changes -> current state (SCD1) -> highest event number per partition.
 fn spec(brokers: &str, topic: &str, streaming: bool) -> String {
+    // Streaming is tuned for latency: short reads, and the broker answers fetches within 100 ms
+    // instead of librdkafka's default 500 ms.
     let (mode, idle_ms, max_task_ms) = if streaming {
-        ("streaming", 200, 1000)
+        ("streaming", 100, 500)
     } else {
         ("batch", 2000, 0)
     };
@@ -41,7 +43,7 @@ mode: {mode}
 sources:
   - name: changes
     format: kafka-debezium
-    kafka: {{ brokers: "{brokers}", topics: [{topic}], max_batch_rows: 200000, idle_ms: {idle_ms}, max_task_ms: {max_task_ms} }}
+    kafka: {{ brokers: "{brokers}", topics: [{topic}], max_batch_rows: 200000, idle_ms: {idle_ms}, max_task_ms: {max_task_ms}, settings: {{ fetch.wait.max.ms: "100" }} }}
 silver:
   - name: current
     from: bronze.changes
@@ -183,13 +185,14 @@ pub async fn bench(args: &BenchArgs, work: &std::path::Path) -> anyhow::Result<(
         let bronze = bronze - 2.0;
         let (silver, silver_rows) = secs("silver.current")?;
         let (gold, _) = secs("gold.progress")?;
-        let rss = |service: &str| {
+        let pid = |service: &str| {
             stack
                 .pids()
                 .into_iter()
                 .find(|(name, _)| name == service)
-                .map_or(0, |(_, pid)| crate::bench::peak_rss(&pid.to_string()))
+                .map_or_else(String::new, |(_, pid)| pid.to_string())
         };
+        let rss = |service: &str| crate::bench::peak_rss(&pid(service));
         let backlog = Backlog {
             bronze,
             bronze_rows,
@@ -198,6 +201,8 @@ pub async fn bench(args: &BenchArgs, work: &std::path::Path) -> anyhow::Result<(
             gold,
             ingestor_rss: rss("medallion-ingestor"),
             refiner_rss: rss("medallion-refiner"),
+            ingestor_cpu: crate::bench::cpu_secs(&pid("medallion-ingestor")),
+            refiner_cpu: crate::bench::cpu_secs(&pid("medallion-refiner")),
         };
 
         // Streaming from here on, with changes arriving at a steady rate.
@@ -247,6 +252,16 @@ pub async fn bench(args: &BenchArgs, work: &std::path::Path) -> anyhow::Result<(
     );
     println!("gold                 {:>12.2} s", backlog.gold);
     println!(
+        "ingestor CPU         {:>12.2} s  ({:.0} events per CPU second)",
+        backlog.ingestor_cpu,
+        args.events as f64 / backlog.ingestor_cpu.max(0.001)
+    );
+    println!(
+        "refiner CPU          {:>12.2} s  ({:.0} events per CPU second)",
+        backlog.refiner_cpu,
+        args.events as f64 / backlog.refiner_cpu.max(0.001)
+    );
+    println!(
         "ingestor peak RSS    {:>12.2} GiB",
         gib(backlog.ingestor_rss)
     );
@@ -261,8 +276,9 @@ pub async fn bench(args: &BenchArgs, work: &std::path::Path) -> anyhow::Result<(
             .map_or(f64::NAN, |d| d.as_secs_f64())
     };
     println!(
-        "streaming            {:>12} events at {} events/s for {} s",
+        "streaming            {:>12} of {} events reached gold, produced at {} events/s for {} s",
         latencies.len(),
+        args.rate * args.latency_secs,
         args.rate,
         args.latency_secs
     );
@@ -283,6 +299,9 @@ struct Backlog {
     gold: f64,
     ingestor_rss: u64,
     refiner_rss: u64,
+    /// CPU seconds of the whole backlog run (the broker's are not counted).
+    ingestor_cpu: f64,
+    refiner_cpu: f64,
 }
 
 /// Produces at `args.rate` for `args.latency_secs` (event numbers from `first`) while reading
@@ -310,7 +329,7 @@ async fn latency(
     let started = Instant::now();
     let mut next = first;
     let mut next_poll = started;
-    let deadline_after_produce = Duration::from_secs(120);
+    let deadline_after_produce = Duration::from_secs(60);
     let mut produce_done: Option<Instant> = None;
     loop {
         // Produce what the rate allows by now.
@@ -372,11 +391,13 @@ async fn latency(
             break;
         }
         if produce_done.is_some_and(|t| t.elapsed() > deadline_after_produce) {
-            anyhow::bail!(
+            // The pipeline did not keep up with the rate: report what arrived.
+            println!(
                 "only {} of {total} events reached gold within {} s of the last produce",
                 latencies.len(),
                 deadline_after_produce.as_secs()
             );
+            break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
