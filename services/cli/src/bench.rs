@@ -42,7 +42,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     pub partitions: i32,
     /// cdc: events per second produced while the pipeline streams (latency phase).
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 5_000)]
     pub rate: u64,
     /// cdc: seconds of the latency phase.
     #[arg(long, default_value_t = 30)]
