@@ -898,8 +898,10 @@ impl Engine {
             merged = Some(match merged {
                 None => m,
                 Some(mut acc) => {
-                    let (rows, committed) = (
+                    let (rows, bytes, quarantined, committed) = (
                         acc.rows_written + m.rows_written,
+                        acc.bytes_written + m.bytes_written,
+                        acc.quarantined_rows + m.quarantined_rows,
                         acc.committed || m.committed,
                     );
                     let lag = match (acc.source_lag, m.source_lag) {
@@ -910,6 +912,8 @@ impl Engine {
                         acc = m;
                     }
                     acc.rows_written = rows;
+                    acc.bytes_written = bytes;
+                    acc.quarantined_rows = quarantined;
                     acc.committed = committed;
                     acc.source_lag = lag;
                     acc

@@ -26,12 +26,24 @@ pub async fn run_scheduler(engine: Arc<Engine>, shutdown: CancellationToken) {
         }
         let now = Utc::now();
         for p in engine.pipelines() {
-            if p.paused {
-                continue;
-            }
             let Ok(parsed) = Pipeline::parse(&p.spec_yaml) else {
                 continue;
             };
+            if p.paused {
+                // Ticks while paused are skipped: the next one is after the resume.
+                if let Some(cron) = parsed
+                    .spec
+                    .schedule
+                    .as_ref()
+                    .and_then(|s| cron::Schedule::from_str(s.cron()).ok())
+                {
+                    next.insert(
+                        (p.name.clone(), p.revision),
+                        cron.after(&now).next().unwrap_or(DateTime::<Utc>::MAX_UTC),
+                    );
+                }
+                continue;
+            }
             if parsed.spec.mode == PipelineMode::Streaming {
                 next_micro_batch(&engine, &p.name);
                 continue;

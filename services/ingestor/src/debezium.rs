@@ -98,10 +98,13 @@ pub fn parse<'a>(
         },
         None => return Err("no `op` field (not a Debezium change event)".into()),
     };
+    // An image is checked to be JSON without building it.
     let image = |name: &str, raw: Option<&'a str>| -> Result<Option<&'a str>, String> {
         match raw {
             None | Some("null") => Ok(None),
-            Some(row) if row.starts_with('{') => Ok(Some(row)),
+            Some(row) if row.starts_with('{') => serde_json::from_str::<serde::de::IgnoredAny>(row)
+                .map(|_| Some(row))
+                .map_err(|e| format!("`{name}` is not valid JSON: {e}")),
             Some(other) => Err(format!("`{name}` is not an object: {other}")),
         }
     };
@@ -370,5 +373,6 @@ mod tests {
         assert!(bad(r#"{"after":[1],"op":"c","ts_ms":1}"#).contains("`after` is not an object"));
         assert!(bad(r#"{"after":{"id":1},"op":"c","ts_ms":"soon"}"#).contains("`ts_ms`"));
         assert!(bad(r#"{"op":"c","ts_ms":1}"#).contains("without an `after`"));
+        assert!(bad(r#"{"after":{1 2 ::},"op":"c","ts_ms":1}"#).contains("not valid JSON"));
     }
 }

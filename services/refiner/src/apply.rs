@@ -38,6 +38,11 @@ pub const TAG_BUCKET: &str = "medallion.bucket";
 const EVENT_OP: &str = "__op";
 /// Event column: the change's sequence.
 const EVENT_SEQUENCE: &str = "__seq";
+/// Event column: the change's Kafka offset, ordering changes of one key with equal sequences
+/// (one key's changes share a partition); stored rows are older than any offset (-1).
+const EVENT_OFFSET: &str = "__offset";
+/// Key of the hidden rows that remember truncates (no change key is empty).
+const TRUNCATE_KEY: &str = "";
 
 /// Applies the bronze changes of this run to one `apply_changes` table.
 pub async fn run(
@@ -134,35 +139,60 @@ pub async fn run(
     }
     let changes = table.combine(parsed)?;
 
-    // The dead letters first, recorded under the bronze version: a retry after a failed
-    // silver commit finds them already there.
-    let mut quarantined_rows = 0;
-    if changes.dead_letters.num_rows() > 0 {
-        quarantined_rows = changes.dead_letters.num_rows() as u64;
+    // The dead letters first, recorded under the bronze version. A rebuild rewrites them all;
+    // otherwise messages an earlier, failed apply already wrote are left out.
+    let dead = TableRef::new(Layer::Quarantine, name);
+    let dead_app = format!("{applied_id}/dead-letters");
+    let mut dead_letters = changes.dead_letters;
+    if !rebuild && dead_letters.num_rows() > 0 {
+        dead_letters = without_recorded(lake, &dead, &dead_app, applied, dead_letters).await?;
+    }
+    let quarantined_rows = dead_letters.num_rows() as u64;
+    if quarantined_rows > 0 || rebuild {
         progress.report("writing dead letters", quarantined_rows, 0, true);
-        let dead = TableRef::new(Layer::Quarantine, name);
         let mut writer = lake
-            .writer(dead.layer, &dead.name, changes.dead_letters.schema())
+            .writer(dead.layer, &dead.name, dead_letters.schema())
             .await
             .map_err(TaskError::internal)?;
         writer
-            .write(changes.dead_letters.clone())
+            .write(dead_letters)
             .await
             .map_err(TaskError::internal)?;
-        let mut commit = task.commit_spec(&dead, WriteMode::Append);
-        commit.app_id = format!("{applied_id}/dead-letters");
+        let mode = if rebuild {
+            WriteMode::Overwrite
+        } else {
+            WriteMode::Append
+        };
+        let mut commit = task.commit_spec(&dead, mode);
+        commit.app_id = dead_app;
         commit.txn_version = bronze_version;
         writer.commit(commit).await.map_err(TaskError::internal)?;
     }
 
     // The current rows of every touched bucket, as events.
-    let touched: BTreeSet<u32> = if changes.truncated_at.is_some() {
-        (0..table.buckets).collect()
-    } else {
+    let touched: BTreeSet<u32> = if changes.truncates.is_empty() {
         changes.buckets.clone()
+    } else {
+        (0..table.buckets).collect()
     };
     let mut replaced = BTreeSet::new();
     let mut existing = Vec::new();
+    // Truncates stored earlier hold for the changes applied now.
+    let mut stored_truncates = BTreeSet::new();
+    let marker_bucket = bucket_of_key(TRUNCATE_KEY, table.buckets);
+    if let (Some(snapshot), false) = (&current, rebuild)
+        && !touched.contains(&marker_bucket)
+    {
+        let markers = snapshot
+            .hidden
+            .iter()
+            .filter(|f| bucket_of_file(f) == Some(marker_bucket));
+        for file in markers {
+            for events in read_events(lake, snapshot, file, true, &table).await? {
+                stored_truncates.extend(truncates_in(&events)?);
+            }
+        }
+    }
     if let (Some(snapshot), false) = (&current, rebuild) {
         progress.report("reading touched buckets", 0, 0, true);
         let files = snapshot
@@ -181,7 +211,7 @@ pub async fn run(
             existing.extend(events);
         }
     }
-    if changes.events.num_rows() == 0 && changes.truncated_at.is_none() && !rebuild {
+    if changes.events.num_rows() == 0 && !rebuild {
         // Only dead letters: the table keeps its rows; record the applied version.
         let mut commit = task.commit_spec(&task.table, WriteMode::Replace(BTreeSet::new()));
         commit.more_transactions.push((applied_id, bronze_version));
@@ -198,7 +228,7 @@ pub async fn run(
     progress.report("applying", changes.events.num_rows() as u64, 0, true);
     let merge_table = table.clone();
     let merged = tokio::task::spawn_blocking(move || {
-        merge_table.merge(existing, changes.events, changes.truncated_at, &touched)
+        merge_table.merge(existing, changes.events, stored_truncates, &touched)
     })
     .await
     .map_err(TaskError::internal)??;
@@ -251,6 +281,74 @@ async fn parse_chunk(table: &ChangeTable, batches: Vec<RecordBatch>) -> Result<C
         .map_err(TaskError::internal)?
 }
 
+/// `dead_letters` without the messages the dead-letter table already holds: an apply that
+/// failed after writing its dead letters recorded a bronze version beyond `applied`.
+async fn without_recorded(
+    lake: &Lake,
+    table: &TableRef,
+    app_id: &str,
+    applied: Option<i64>,
+    dead_letters: RecordBatch,
+) -> Result<RecordBatch, TaskError> {
+    use futures::StreamExt as _;
+    let Some(snapshot) = lake
+        .snapshot(table.layer, &table.name, None)
+        .await
+        .map_err(TaskError::internal)?
+    else {
+        return Ok(dead_letters);
+    };
+    let written = snapshot
+        .app_version(app_id)
+        .await
+        .map_err(TaskError::internal)?;
+    if written <= applied {
+        return Ok(dead_letters);
+    }
+    let position = |batch: &RecordBatch| -> Result<Vec<(String, i32, i64)>, TaskError> {
+        let topics = strings(batch, "_topic")?;
+        let partitions = column(batch, "_partition")?
+            .as_any()
+            .downcast_ref::<arrow::array::Int32Array>()
+            .ok_or_else(|| TaskError::internal("`_partition` is not int32"))?;
+        let offsets = column(batch, "_offset")?
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .ok_or_else(|| TaskError::internal("`_offset` is not int64"))?;
+        Ok((0..batch.num_rows())
+            .map(|i| {
+                (
+                    topics.value(i).to_string(),
+                    partitions.value(i),
+                    offsets.value(i),
+                )
+            })
+            .collect())
+    };
+    let mut recorded = std::collections::HashSet::new();
+    for file in &snapshot.files {
+        let mut stream = lake.read_file(&snapshot, file, 64 * 1024);
+        while let Some(batch) = stream.next().await {
+            recorded.extend(position(&batch.map_err(TaskError::internal)?)?);
+        }
+    }
+    let keep: arrow::array::BooleanArray = position(&dead_letters)?
+        .into_iter()
+        .map(|p| Some(!recorded.contains(&p)))
+        .collect();
+    arrow::compute::filter_record_batch(&dead_letters, &keep).map_err(TaskError::internal)
+}
+
+/// The sequences of the truncates among `events` (deletes of [`TRUNCATE_KEY`]).
+fn truncates_in(events: &RecordBatch) -> Result<Vec<String>, TaskError> {
+    let keys = strings(events, CHANGE_KEY)?;
+    let seqs = strings(events, EVENT_SEQUENCE)?;
+    Ok((0..events.num_rows())
+        .filter(|&i| keys.is_valid(i) && keys.value(i) == TRUNCATE_KEY && seqs.is_valid(i))
+        .map(|i| seqs.value(i).to_string())
+        .collect())
+}
+
 /// The bucket a data file holds, from its tag.
 fn bucket_of_file(file: &DataFile) -> Option<u32> {
     file.tags.get(TAG_BUCKET).and_then(|b| b.parse().ok())
@@ -295,7 +393,7 @@ struct ChangeTable {
     image_fields: Vec<String>,
     /// Positions (in `columns`) of the columns whose change starts a new SCD2 version.
     tracked: Vec<usize>,
-    /// Declared columns, `__key`, `__seq`, `__op`.
+    /// Declared columns, `__key`, `__seq`, `__op`, `__offset`.
     event_schema: SchemaRef,
     /// Declared columns, `__key`, (SCD2: `__start_at`, `__end_at`,) `__sequence`.
     table_schema: SchemaRef,
@@ -307,8 +405,8 @@ struct Changes {
     events: RecordBatch,
     /// Buckets of the keys they touch.
     buckets: BTreeSet<u32>,
-    /// The highest sequence of a truncate among them.
-    truncated_at: Option<String>,
+    /// Sequences of the truncates among them.
+    truncates: Vec<String>,
     /// Changes that could not be applied, with why.
     dead_letters: RecordBatch,
 }
@@ -399,7 +497,12 @@ impl ChangeTable {
         let key = Field::new(CHANGE_KEY, DataType::Utf8, true);
         let text = |name: &str| Field::new(name, DataType::Utf8, true);
         let mut event_fields = columns.clone();
-        event_fields.extend([key.clone(), text(EVENT_SEQUENCE), text(EVENT_OP)]);
+        event_fields.extend([
+            key.clone(),
+            text(EVENT_SEQUENCE),
+            text(EVENT_OP),
+            Field::new(EVENT_OFFSET, DataType::Int64, false),
+        ]);
         let mut table_fields = columns.clone();
         table_fields.push(key);
         if apply.stored_as == ScdType::Scd2 {
@@ -418,13 +521,14 @@ impl ChangeTable {
         })
     }
 
-    /// Turns bronze change rows into events (typed from their row images), the truncate
-    /// point and dead letters.
+    /// Turns bronze change rows into events (typed from their row images), truncates and dead
+    /// letters. A truncate becomes a delete of the reserved key [`TRUNCATE_KEY`], so it is
+    /// stored (hidden) and holds for changes that arrive later.
     fn parse_changes(&self, batches: &[RecordBatch]) -> Result<Changes, TaskError> {
         let mut upserts = Vec::new();
         let mut deletes = Vec::new();
         let mut dead = DeadLetters::default();
-        let mut truncated_at: Option<String> = None;
+        let mut truncates = Vec::new();
         for batch in batches {
             let op = strings(batch, "op")?;
             let key = strings(batch, "key")?;
@@ -445,12 +549,7 @@ impl ChangeTable {
                         upserts.push((batch, row))
                     }
                     "d" if key.is_valid(row) => deletes.push((batch, row)),
-                    "t" => {
-                        let at = seq.value(row);
-                        if truncated_at.as_deref().is_none_or(|t| at > t) {
-                            truncated_at = Some(at.to_string());
-                        }
-                    }
+                    "t" => truncates.push(seq.value(row).to_string()),
                     "c" | "u" | "r" | "d" => {
                         dead.push_raw(batch, row, "change without its row image or key")?;
                     }
@@ -468,6 +567,9 @@ impl ChangeTable {
         if !deletes.is_empty() {
             parts.push(self.events_from_changes(None, &deletes, "d")?);
         }
+        for at in &truncates {
+            parts.push(self.deletes_at(std::iter::once(TRUNCATE_KEY), at)?);
+        }
         let events = concat_batches(&self.event_schema, &parts)
             .map_err(arrow_error(&self.name, "collecting changes"))?;
         let keys = strings(&events, CHANGE_KEY)?;
@@ -479,7 +581,7 @@ impl ChangeTable {
         Ok(Changes {
             events,
             buckets,
-            truncated_at,
+            truncates,
             dead_letters: dead.finish()?,
         })
     }
@@ -489,22 +591,18 @@ impl ChangeTable {
         let mut events = Vec::with_capacity(parts.len());
         let mut dead_letters = Vec::with_capacity(parts.len());
         let mut buckets = BTreeSet::new();
-        let mut truncated_at: Option<String> = None;
+        let mut truncates = Vec::new();
         for part in parts {
             events.push(part.events);
             dead_letters.push(part.dead_letters);
             buckets.extend(part.buckets);
-            if let Some(at) = part.truncated_at
-                && truncated_at.as_ref().is_none_or(|t| &at > t)
-            {
-                truncated_at = Some(at);
-            }
+            truncates.extend(part.truncates);
         }
         Ok(Changes {
             events: concat_batches(&self.event_schema, &events)
                 .map_err(arrow_error(&self.name, "collecting changes"))?,
             buckets,
-            truncated_at,
+            truncates,
             dead_letters: concat_batches(&dead_letter_schema(), &dead_letters)
                 .map_err(arrow_error(&self.name, "collecting dead letters"))?,
         })
@@ -626,6 +724,15 @@ impl ChangeTable {
         arrays.push(text("key")?);
         arrays.push(text("sequence")?);
         arrays.push(repeated(op, n));
+        let mut offsets = arrow::array::Int64Builder::with_capacity(n);
+        for (batch, row) in rows {
+            let offset = column(batch, "_offset")?
+                .as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+                .ok_or_else(|| TaskError::internal("`_offset` is not int64"))?;
+            offsets.append_value(offset.value(*row));
+        }
+        arrays.push(Arc::new(offsets.finish()));
         RecordBatch::try_new(self.event_schema.clone(), arrays)
             .map_err(arrow_error(&self.name, "building change events"))
     }
@@ -666,6 +773,7 @@ impl ChangeTable {
         arrays.push(column(batch, since)?.clone());
         let op = if hidden { "d" } else { "u" };
         arrays.push(repeated(op, n));
+        arrays.push(Arc::new(arrow::array::Int64Array::from(vec![-1; n])));
         RecordBatch::try_new(self.event_schema.clone(), arrays)
             .map_err(arrow_error(&self.name, "reading stored rows"))
     }
@@ -675,7 +783,7 @@ impl ChangeTable {
         &self,
         existing: Vec<RecordBatch>,
         new: RecordBatch,
-        truncated_at: Option<String>,
+        mut truncates: BTreeSet<String>,
         touched: &BTreeSet<u32>,
     ) -> Result<Merged, TaskError> {
         let mut parts = existing;
@@ -683,17 +791,24 @@ impl ChangeTable {
         let mut events = concat_batches(&self.event_schema, &parts)
             .map_err(arrow_error(&self.name, "collecting events"))?;
         drop(parts);
-        if let Some(at) = &truncated_at {
+        truncates.extend(truncates_in(&events)?);
+        if !truncates.is_empty() {
             // A truncate deletes every key at its sequence; later changes still apply.
-            let keys: BTreeSet<&str> = strings(&events, CHANGE_KEY)?.iter().flatten().collect();
-            let deletes = self.deletes_at(keys.into_iter(), at)?;
-            events = concat_batches(&self.event_schema, [&events, &deletes])
+            let keys: BTreeSet<&str> = strings(&events, CHANGE_KEY)?
+                .iter()
+                .flatten()
+                .filter(|k| *k != TRUNCATE_KEY)
+                .collect();
+            let mut parts = vec![events.clone()];
+            for at in &truncates {
+                parts.push(self.deletes_at(keys.iter().copied(), at)?);
+            }
+            events = concat_batches(&self.event_schema, &parts)
                 .map_err(arrow_error(&self.name, "applying a truncate"))?;
         }
 
-        // Per key in sequence order; on equal sequences the later event (a new one over a
-        // stored one, a later offset over an earlier one) wins.
-        let position = UInt32Array::from_iter_values(0..events.num_rows() as u32);
+        // Per key in sequence order; on equal sequences the later event (a later offset; any
+        // new change over a stored row) wins.
         let order = lexsort_to_indices(
             &[
                 SortColumn {
@@ -705,7 +820,7 @@ impl ChangeTable {
                     options: None,
                 },
                 SortColumn {
-                    values: Arc::new(position),
+                    values: column(&events, EVENT_OFFSET)?.clone(),
                     options: None,
                 },
             ],
@@ -865,6 +980,7 @@ impl ChangeTable {
         arrays.push(Arc::new(keys));
         arrays.push(repeated(at, n));
         arrays.push(repeated("d", n));
+        arrays.push(Arc::new(arrow::array::Int64Array::from(vec![i64::MAX; n])));
         RecordBatch::try_new(self.event_schema.clone(), arrays)
             .map_err(arrow_error(&self.name, "applying a truncate"))
     }
@@ -1005,7 +1121,7 @@ mod tests {
         }
         let touched: BTreeSet<u32> = (0..table.buckets).collect();
         table
-            .merge(existing, changes.events, changes.truncated_at, &touched)
+            .merge(existing, changes.events, BTreeSet::new(), &touched)
             .expect("merge")
     }
 
@@ -1117,6 +1233,28 @@ mod tests {
     }
 
     #[test]
+    fn equal_sequences_resolve_by_offset() {
+        let t = table("scd1", "");
+        let merged = apply(
+            &t,
+            None,
+            &[
+                ("c", 1, "05", Some(r#"{"id":1,"v":"a","x":1}"#)),
+                ("d", 1, "05", None),
+                ("c", 1, "05", Some(r#"{"id":1,"v":"b","x":2}"#)),
+                ("c", 2, "05", Some(r#"{"id":2,"v":"c","x":3}"#)),
+                ("d", 2, "05", None),
+            ],
+        );
+        let (visible, hidden) = rows(&merged);
+        assert_eq!(visible, BTreeSet::from([row(1, "b", 2, "05", None, "05")]));
+        assert_eq!(
+            hidden,
+            BTreeSet::from([(r#"{"id":2}"#.into(), "05".into())])
+        );
+    }
+
+    #[test]
     fn scd2_starts_versions_on_tracked_changes_only() {
         let t = table("scd2", ", track_history_on: [v]");
         let first = apply(
@@ -1171,7 +1309,18 @@ mod tests {
         );
         let (visible, hidden) = rows(&second);
         assert_eq!(visible, BTreeSet::from([row(3, "c", 3, "04", None, "04")]));
-        assert_eq!(hidden.len(), 2);
+        // Keys 1 and 2 deleted at the truncate, and the truncate itself.
+        assert_eq!(hidden.len(), 3);
+        // The truncate is remembered: a change older than it, arriving later, stays deleted.
+        let third = apply(
+            &t,
+            Some(&second),
+            &[("c", 4, "029", Some(r#"{"id":4,"v":"late","x":0}"#))],
+        );
+        assert_eq!(
+            rows(&third).0,
+            BTreeSet::from([row(3, "c", 3, "04", None, "04")])
+        );
     }
 
     #[test]

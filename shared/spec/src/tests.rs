@@ -307,6 +307,14 @@ fn apply_changes_tables_read_change_sources_with_typed_columns() {
             "  - { name: cur, from: bronze.c, apply_changes: {} }",
             "silver[0].columns",
         ),
+        (
+            "  - { name: cur, from: bronze.c, apply_changes: {}, columns: [] }",
+            "silver[0].columns",
+        ),
+        (
+            "  - { name: cur, from: bronze.c, apply_changes: { stored_as: scd2, track_history_on: [] }, columns: [{ name: id, type: int64 }] }",
+            "silver[0].apply_changes.track_history_on",
+        ),
     ] {
         assert_eq!(err(&yaml(silver)).path, path, "{silver}");
     }

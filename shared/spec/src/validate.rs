@@ -974,7 +974,19 @@ fn apply_changes_columns(
             ));
         }
     }
+    if columns.is_empty() {
+        return Err(SpecError::new(
+            format!("{base}.columns"),
+            "`apply_changes` needs at least one column",
+        ));
+    }
     if let Some(tracked) = &apply.track_history_on {
+        if tracked.is_empty() {
+            return Err(SpecError::new(
+                format!("{base}.apply_changes.track_history_on"),
+                "name at least one column (leave it out to track every column)",
+            ));
+        }
         if apply.stored_as != crate::ScdType::Scd2 {
             return Err(SpecError::new(
                 format!("{base}.apply_changes.track_history_on"),
