@@ -461,6 +461,15 @@ impl Cluster {
         &self,
         pipeline: &str,
     ) -> Result<(String, tonic::Streaming<pb::RunEvent>), tonic::Status> {
+        self.start_run_with(pipeline, false).await
+    }
+
+    /// [`Cluster::start_run`], optionally as a full refresh.
+    pub async fn start_run_with(
+        &self,
+        pipeline: &str,
+        full_refresh: bool,
+    ) -> Result<(String, tonic::Streaming<pb::RunEvent>), tonic::Status> {
         let mut client = self
             .client()
             .await
@@ -468,7 +477,7 @@ impl Cluster {
         let run = client
             .trigger_run(pb::TriggerRunRequest {
                 pipeline: pipeline.into(),
-                full_refresh: false,
+                full_refresh,
                 tables: vec![],
             })
             .await?

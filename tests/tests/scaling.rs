@@ -48,21 +48,42 @@ async fn two_refiners_share_the_work_and_survive_losing_one() {
     }
     std::fs::write(dir.join("sales.csv"), csv).expect("fixture");
     cluster.apply(SPEC).await.expect("apply");
-    let (run_id, mut events) = cluster.start_run("scaled").await.expect("start");
-
-    // Kill the first refiner while it is running a task.
-    let deadline = std::time::Instant::now() + Duration::from_secs(300);
-    loop {
-        if running_tasks(&cluster.replica_log(Service::Refiner, 0)) > 0 {
-            break;
-        }
+    // Kill the first refiner while it is running a task. The balancer picks replicas at
+    // random, so a run may leave it idle: then a full refresh gives it another chance.
+    let mut attempts = 0;
+    let (run_id, mut events) = 'started: loop {
+        attempts += 1;
         assert!(
-            std::time::Instant::now() < deadline,
+            attempts <= 6,
             "refiner 0 never ran a task; its log:\n{}",
             cluster.replica_log(Service::Refiner, 0)
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        let (run_id, events) = cluster
+            .start_run_with("scaled", attempts > 1)
+            .await
+            .expect("start");
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        while std::time::Instant::now() < deadline {
+            if running_tasks(&cluster.replica_log(Service::Refiner, 0)) > 0 {
+                break 'started (run_id, events);
+            }
+            let state = cluster
+                .client()
+                .await
+                .expect("client")
+                .get_run(pb::GetRunRequest {
+                    run_id: run_id.clone(),
+                })
+                .await
+                .expect("get run")
+                .into_inner()
+                .state;
+            if state != pb::RunState::Queued as i32 && state != pb::RunState::Running as i32 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
     cluster.kill_replica(Service::Refiner, 0).await;
 
     // Drain the events, then read the final run.
