@@ -449,6 +449,29 @@ fn dead_letter_schema() -> SchemaRef {
     ]))
 }
 
+/// Column `name` of `rows` (rows of several change batches, batch by batch) as one array of
+/// type `empty` when there are none; the column is looked up once per batch, not per row.
+fn gather(
+    rows: &[(&RecordBatch, usize)],
+    name: &str,
+    empty: &DataType,
+) -> Result<ArrayRef, TaskError> {
+    let mut sources: Vec<&dyn Array> = Vec::new();
+    let mut indices = Vec::with_capacity(rows.len());
+    let mut current: Option<&RecordBatch> = None;
+    for &(batch, row) in rows {
+        if !current.is_some_and(|c| std::ptr::eq(c, batch)) {
+            sources.push(column(batch, name)?.as_ref());
+            current = Some(batch);
+        }
+        indices.push((sources.len() - 1, row));
+    }
+    if sources.is_empty() {
+        return Ok(arrow::array::new_empty_array(empty));
+    }
+    arrow::compute::interleave(&sources, &indices).map_err(TaskError::internal)
+}
+
 /// A text column of `n` times `value`.
 fn repeated(value: &str, n: usize) -> ArrayRef {
     Arc::new(StringArray::from_iter_values(std::iter::repeat_n(value, n)))
@@ -714,25 +737,10 @@ impl ChangeTable {
                 .map(|f| new_null_array(f.data_type(), n))
                 .collect(),
         };
-        let text = |name: &str| -> Result<ArrayRef, TaskError> {
-            let mut values = arrow::array::StringBuilder::with_capacity(n, n * 16);
-            for (batch, row) in rows {
-                values.append_value(strings(batch, name)?.value(*row));
-            }
-            Ok(Arc::new(values.finish()))
-        };
-        arrays.push(text("key")?);
-        arrays.push(text("sequence")?);
+        arrays.push(gather(rows, "key", &DataType::Utf8)?);
+        arrays.push(gather(rows, "sequence", &DataType::Utf8)?);
         arrays.push(repeated(op, n));
-        let mut offsets = arrow::array::Int64Builder::with_capacity(n);
-        for (batch, row) in rows {
-            let offset = column(batch, "_offset")?
-                .as_any()
-                .downcast_ref::<arrow::array::Int64Array>()
-                .ok_or_else(|| TaskError::internal("`_offset` is not int64"))?;
-            offsets.append_value(offset.value(*row));
-        }
-        arrays.push(Arc::new(offsets.finish()));
+        arrays.push(gather(rows, "_offset", &DataType::Int64)?);
         RecordBatch::try_new(self.event_schema.clone(), arrays)
             .map_err(arrow_error(&self.name, "building change events"))
     }
