@@ -459,6 +459,14 @@ silver:
   - name: balance_by_region
     sql: SELECT region, COUNT(*) AS customers, SUM(balance) AS balance FROM customers GROUP BY region
     warehouse: {{ table: {schema}.balance_by_region, mode: merge, keys: [region] }}
+  - name: by_signup
+    from: silver.customers
+    group_by: [signup]
+    aggregations:
+      - {{ name: customers, expr: "COUNT(*)" }}
+      - {{ name: balance, expr: "SUM(balance)" }}
+      - {{ name: most_visits, expr: "MAX(visits)" }}
+    warehouse: {{ table: {schema}.by_signup, mode: merge, keys: [signup] }}
 warehouse:
   postgres: {{ url_env: MEDALLION_WAREHOUSE_URL }}
 "#,
@@ -579,6 +587,76 @@ async fn assert_applied(
         e.1 += c.balance_cents;
     }
     assert_eq!(got, want, "warehouse gold differs");
+
+    // The group-by gold table, recomputed whole or for the touched groups only.
+    let rows = client
+        .query(
+            &format!(
+                r#"SELECT signup - DATE '1970-01-01', customers, (balance * 100)::bigint, most_visits FROM "{schema}".by_signup"#
+            ),
+            &[],
+        )
+        .await
+        .expect("query warehouse");
+    let got: std::collections::BTreeMap<i32, (i64, i64, i64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, i32>(0),
+                (r.get::<_, i64>(1), r.get::<_, i64>(2), r.get::<_, i64>(3)),
+            )
+        })
+        .collect();
+    let want = by_signup(pg_state);
+    assert_eq!(got, want, "warehouse by_signup differs");
+    let gold = cluster.read("gold.by_signup").await.expect("read gold");
+    assert_eq!(values::rows(&gold), want.len(), "gold.by_signup rows");
+}
+
+/// Customers, balance in cents and most visits per signup day.
+fn by_signup(
+    state: &std::collections::BTreeMap<i64, Customer>,
+) -> std::collections::BTreeMap<i32, (i64, i64, i64)> {
+    let mut want: std::collections::BTreeMap<i32, (i64, i64, i64)> = Default::default();
+    for c in state.values() {
+        let e = want.entry(c.signup_days).or_default();
+        e.0 += 1;
+        e.1 += c.balance_cents;
+        e.2 = e.2.max(c.visits);
+    }
+    want
+}
+
+/// What the last commit of a gold table recorded for the warehouse: the rows of its hidden
+/// upsert and delete files, and the version those changes apply to (`None` if it has none,
+/// i.e. the table was recomputed whole).
+async fn gold_changes(cluster: &Cluster, table: &str) -> (i64, Option<(usize, usize, i64)>) {
+    let snapshot = medallion_lake::Lake::open(
+        &cluster.lake_dir().display().to_string(),
+        Default::default(),
+    )
+    .expect("lake")
+    .snapshot(medallion_lake::Layer::Gold, table, None)
+    .await
+    .expect("snapshot")
+    .expect("table exists");
+    let rows = |kind: &str| -> usize {
+        snapshot
+            .hidden
+            .iter()
+            .filter(|f| f.tags.get("medallion.change").is_some_and(|k| k == kind))
+            .map(|f| f.rows.unwrap_or(0) as usize)
+            .sum()
+    };
+    let base = snapshot
+        .hidden
+        .iter()
+        .find_map(|f| f.tags.get("medallion.change_base"))
+        .map(|b| b.parse::<i64>().expect("numeric base"));
+    (
+        snapshot.version,
+        base.map(|b| (rows("upserts"), rows("deletes"), b)),
+    )
 }
 
 /// Files of a silver table: path -> (bucket, hidden).
@@ -744,6 +822,83 @@ async fn debezium_changes_apply_to_silver_scd1_scd2_and_gold_in_postgres() {
         "keys spread over the buckets: {buckets:?}"
     );
     assert_applied(&cluster, &pg_state, &pg_changes, &my_state, &schema).await;
+
+    // Three changes touching three signup days: the only customer of one day deleted (its
+    // group vanishes), a customer of a new day inserted, another's balance updated. Gold
+    // recomputes those groups alone and the warehouse gets just them.
+    let (gold_before, _) = gold_changes(&cluster, "by_signup").await;
+    let days = by_signup(&pg_state);
+    let (&lone_id, lone) = pg_state
+        .iter()
+        .find(|(_, c)| days[&c.signup_days].0 == 1)
+        .expect("a signup day with one customer");
+    let lone = lone.clone();
+    let (&other_id, other) = pg_state
+        .iter()
+        .find(|(_, c)| c.signup_days != lone.signup_days)
+        .expect("another customer");
+    let other = other.clone();
+    let newcomer = Customer {
+        name: "newcomer".into(),
+        region: "north".into(),
+        balance_cents: 12_345,
+        visits: 3,
+        signup_days: 30_000,
+    };
+    let mut round = Vec::new();
+    for (id, op, before, after) in [
+        (lone_id, "d", Some(lone), None),
+        (
+            other_id,
+            "u",
+            Some(other.clone()),
+            Some(Customer {
+                balance_cents: other.balance_cents + 100,
+                ..other
+            }),
+        ),
+        (5_000, "c", None, Some(newcomer)),
+    ] {
+        pg_position += 8;
+        match &after {
+            Some(row) => pg_state.insert(id, row.clone()),
+            None => pg_state.remove(&id),
+        };
+        round.push(SourceChange {
+            position: pg_position,
+            id: Some(id),
+            op,
+            before,
+            after,
+        });
+    }
+    deliver(&broker, "pg.public.customers", &round, false, 0, &mut rng).await;
+    pg_changes.extend(round);
+    let (run, _) = cluster.run("cdc_apply", false).await.expect("run 5");
+    assert!(succeeded(&run), "{run:?}");
+    assert_applied(&cluster, &pg_state, &pg_changes, &my_state, &schema).await;
+    let (gold_after, changes) = gold_changes(&cluster, "by_signup").await;
+    assert_eq!(
+        changes,
+        Some((2, 1, gold_before)),
+        "gold.by_signup version {gold_after}: recomputed 2 groups, 1 vanished, over version {gold_before}"
+    );
+    let (client, connection) =
+        tokio_postgres::connect(&medallion_tests::postgres_url(), tokio_postgres::NoTls)
+            .await
+            .expect("connect to PostgreSQL");
+    tokio::spawn(connection);
+    let loaded: i64 = client
+        .query_one(
+            &format!(
+                r#"SELECT version FROM "{schema}".medallion_loads WHERE target = 'by_signup'"#
+            ),
+            &[],
+        )
+        .await
+        .expect("loaded version")
+        .get(0);
+    assert_eq!(loaded, gold_after, "the warehouse holds the gold version");
 }
 
 /// The pipeline as `GetPipeline` reports it.

@@ -4,16 +4,19 @@
 
 use std::collections::BTreeMap;
 
+use arrow::array::RecordBatch;
 use futures::StreamExt;
-use medallion_flight::FlightReader;
-use medallion_lake::{Lake, Layer, WriteMode};
+use medallion_flight::{FlightReader, KeySet};
+use medallion_lake::{DataFile, Lake, Layer, TableSnapshot, WriteMode};
 use medallion_objects::{ObjectStore, S3Options, S3Url};
 use medallion_server::CancellationToken;
 use medallion_spec::{GoldSpec, LoadMode, Pipeline, TableRef};
 use medallion_stage::{Manifest, Progress, TaskError, TaskRequest, TaskRunner};
-use medallion_warehouse::{PostgresSink, QualifiedName, RedshiftSink, RedshiftTarget};
+use medallion_warehouse::{LoadReport, PostgresSink, QualifiedName, RedshiftSink, RedshiftTarget};
 use polars::prelude::*;
 use tracing::Instrument as _;
+
+use crate::touched;
 
 pub struct Aggregator {
     pub lake: Lake,
@@ -80,14 +83,23 @@ fn warehouse(pipeline: &Pipeline) -> Result<Option<Warehouse>, TaskError> {
 }
 
 impl Aggregator {
-    /// Reads the silver inputs over Flight, computes the table and commits it.
+    /// Reads the silver inputs over Flight, computes the table and commits it: only the
+    /// groups the inputs' changes touched where that is the cheaper way, else all of it.
     async fn aggregate(
         &self,
         task: &TaskRequest,
         spec: &GoldSpec,
+        current: Option<&TableSnapshot>,
         progress: &Progress,
         cancel: &CancellationToken,
     ) -> Result<Manifest, TaskError> {
+        if let (Some(plan), Some(current)) = (touched::plan(task, spec, current), current)
+            && let Some(manifest) = self
+                .aggregate_touched(task, spec, current, plan, progress, cancel)
+                .await?
+        {
+            return Ok(manifest);
+        }
         let reader = &self.silver_flight;
         let mut inputs = BTreeMap::new();
         for dep in task.dependencies() {
@@ -175,9 +187,16 @@ impl Aggregator {
                     let mut sink = PostgresSink::connect(&url)
                         .await
                         .map_err(TaskError::internal)?;
-                    sink.load(&name, &snapshot.schema, batches, mode)
-                        .await
-                        .map_err(failed)
+                    match mode {
+                        medallion_warehouse::LoadMode::Merge { keys } => {
+                            self.merge_gold(&mut sink, &name, spec, &snapshot, &keys)
+                                .await
+                        }
+                        replace => sink
+                            .load(&name, &snapshot.schema, batches, replace)
+                            .await
+                            .map_err(failed),
+                    }
                 }
                 Warehouse::Redshift(redshift) => {
                     let objects = self
@@ -233,6 +252,151 @@ impl Aggregator {
     }
 }
 
+impl Aggregator {
+    /// Merges a gold version into a PostgreSQL target on `keys`, sending what changed since
+    /// the version the target holds (recorded by the previous load):
+    /// - the version already there: nothing;
+    /// - a recompute of touched groups over the version there: those groups' rows, and the
+    ///   groups that vanished deleted;
+    /// - otherwise every row, and the keys the version there had and this one has not
+    ///   deleted (rows gold never had are kept).
+    async fn merge_gold(
+        &self,
+        sink: &mut PostgresSink,
+        name: &QualifiedName,
+        spec: &GoldSpec,
+        snapshot: &TableSnapshot,
+        keys: &[String],
+    ) -> Result<LoadReport, TaskError> {
+        let failed = |e: medallion_warehouse::Error| {
+            TaskError::internal(format!("loading gold.{} into {name}: {e}", spec.name))
+        };
+        let loaded = sink.loaded_version(name).await.map_err(failed)?;
+        if loaded == Some(snapshot.version) {
+            tracing::info!(table = %spec.name, target = %name, version = snapshot.version, "the warehouse holds this version");
+            return Ok(LoadReport::default());
+        }
+        let (rows, deletes) = match touched_changes(spec, snapshot, keys) {
+            Some((base, upserts, deletes)) if loaded == Some(base) => {
+                let mut deleted = Vec::new();
+                for file in deletes {
+                    for batch in self.read_gold(snapshot, &file).await? {
+                        deleted.push(touched::project(&batch, keys)?);
+                    }
+                }
+                (upserts, deleted)
+            }
+            _ => {
+                let vanished = match loaded {
+                    Some(version) => self.vanished_keys(spec, version, snapshot, keys).await?,
+                    None => Vec::new(),
+                };
+                (snapshot.files.clone(), vanished)
+            }
+        };
+        let key_schema = touched::project(&RecordBatch::new_empty(snapshot.schema.clone()), keys)?;
+        let deletes = arrow::compute::concat_batches(&key_schema.schema(), &deletes)
+            .map_err(TaskError::internal)?;
+        let lake = self.lake.clone();
+        let reader_snapshot = snapshot.clone();
+        let batches = futures::stream::iter(rows)
+            .map(move |f| lake.read_file(&reader_snapshot, &f, 64 * 1024))
+            .flatten();
+        sink.load_changes(
+            name,
+            &snapshot.schema,
+            batches,
+            deletes,
+            keys,
+            loaded,
+            snapshot.version,
+        )
+        .await
+        .map_err(failed)?
+        .ok_or_else(|| {
+            TaskError::internal(format!(
+                "{name} was loaded by someone else during this load of gold.{}",
+                spec.name
+            ))
+        })
+    }
+
+    /// The keys gold version `version` had and `snapshot` has not (none if that version
+    /// cannot be read any more).
+    async fn vanished_keys(
+        &self,
+        spec: &GoldSpec,
+        version: i64,
+        snapshot: &TableSnapshot,
+        keys: &[String],
+    ) -> Result<Vec<RecordBatch>, TaskError> {
+        let old = match self
+            .lake
+            .snapshot(Layer::Gold, &spec.name, Some(version))
+            .await
+        {
+            Ok(Some(old)) => old,
+            other => {
+                tracing::warn!(table = %spec.name, version, error = ?other.err(), "the loaded version is gone; no rows are deleted");
+                return Ok(Vec::new());
+            }
+        };
+        let mut current = Vec::new();
+        for file in &snapshot.files {
+            for batch in self.read_gold(snapshot, file).await? {
+                current.push(touched::project(&batch, keys)?);
+            }
+        }
+        let key_schema = touched::project(&RecordBatch::new_empty(snapshot.schema.clone()), keys)?;
+        let current = arrow::compute::concat_batches(&key_schema.schema(), &current)
+            .map_err(TaskError::internal)?;
+        let now = KeySet::of_keys(&current, keys, &old.schema).map_err(TaskError::internal)?;
+        let mut vanished = Vec::new();
+        for file in &old.files {
+            for batch in self.read_gold(&old, file).await? {
+                let gone = now.filter_out(&batch).map_err(TaskError::internal)?;
+                vanished.push(touched::project(&gone, keys)?);
+            }
+        }
+        Ok(vanished)
+    }
+}
+
+/// The hidden change files of a touched-groups commit and the version they apply to, when
+/// the merge keys are the group keys (the delete rows carry only those).
+fn touched_changes(
+    spec: &GoldSpec,
+    snapshot: &TableSnapshot,
+    keys: &[String],
+) -> Option<(i64, Vec<DataFile>, Vec<DataFile>)> {
+    let mut sorted_keys = keys.to_vec();
+    sorted_keys.sort();
+    let mut groups = spec.group_by.clone();
+    groups.sort();
+    if sorted_keys != groups {
+        return None;
+    }
+    let files = |kind: &str| -> Vec<DataFile> {
+        snapshot
+            .hidden
+            .iter()
+            .filter(|f| f.tags.get(touched::TAG_CHANGE).is_some_and(|k| k == kind))
+            .cloned()
+            .collect()
+    };
+    let (upserts, deletes) = (
+        files(touched::CHANGE_UPSERTS),
+        files(touched::CHANGE_DELETES),
+    );
+    let base = upserts
+        .iter()
+        .chain(&deletes)
+        .find_map(|f| f.tags.get(touched::TAG_CHANGE_BASE))?
+        .parse::<i64>()
+        .ok()?;
+    Some((base, upserts, deletes))
+}
+
 #[tonic::async_trait]
 impl TaskRunner for Aggregator {
     fn layer(&self) -> Layer {
@@ -261,7 +425,10 @@ impl TaskRunner for Aggregator {
             Some(snapshot) if task.is_done(snapshot, true).await? => {
                 Manifest::of_snapshot(snapshot, false)
             }
-            _ => self.aggregate(&task, &spec, &progress, &cancel).await?,
+            _ => {
+                self.aggregate(&task, &spec, current.as_ref(), &progress, &cancel)
+                    .await?
+            }
         };
         self.load_warehouse(&task, &spec, &progress).await?;
         Ok(manifest)

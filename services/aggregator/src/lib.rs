@@ -3,6 +3,7 @@
 //! warehouse. Serves gold over Arrow Flight.
 
 mod aggregate;
+mod touched;
 
 /// Computes a gold table from its silver inputs (also used by `medallion bench` in one process).
 pub use aggregate::compute;

@@ -5,9 +5,11 @@
 //! serve any ticket: the data comes from the lake, not from the replica's memory.
 
 mod client;
+mod keys;
 mod server;
 
 pub use client::{BatchStream, FlightReader};
+pub use keys::{KeyFilter, KeySet};
 pub use server::LayerFlightService;
 
 use medallion_spec::Layer;
@@ -32,6 +34,15 @@ pub struct TableTicket {
     /// table); `partition` then indexes those files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<i64>,
+    /// Only the rows whose values in the filter's columns equal one of its key rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows_in: Option<KeyFilter>,
+    /// Instead of rows: the distinct values of these columns among the rows that differ
+    /// between version `since` and `version` (one batch of those columns). Refused with
+    /// `FAILED_PRECONDITION` when the versions differ in most of the table or in schema,
+    /// where reading the whole table is the cheaper way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed_keys: Option<Vec<String>>,
 }
 
 impl TableTicket {
@@ -59,6 +70,27 @@ impl TableTicket {
         }
     }
 
+    /// The same table version, whole, reading only the rows whose keys are in `filter`.
+    pub fn rows_in(&self, filter: KeyFilter) -> TableTicket {
+        TableTicket {
+            rows_in: Some(filter),
+            ..self.clone()
+        }
+    }
+
+    /// The groups (distinct values of `columns`) of the rows that differ between version
+    /// `older` and this ticket's version.
+    pub fn changed_keys(&self, older: i64, columns: Vec<String>) -> TableTicket {
+        TableTicket {
+            partition: None,
+            columns: None,
+            since: Some(older),
+            rows_in: None,
+            changed_keys: Some(columns),
+            ..self.clone()
+        }
+    }
+
     pub fn decode(bytes: &[u8]) -> Result<TableTicket> {
         serde_json::from_slice(bytes).map_err(|e| Error::BadTicket(e.to_string()))
     }
@@ -72,6 +104,8 @@ impl TableTicket {
             partition: None,
             columns: None,
             since: None,
+            rows_in: None,
+            changed_keys: None,
         };
         if snapshot.files.is_empty() {
             return vec![whole];
@@ -110,6 +144,18 @@ pub enum Error {
     Schema { what: String, detail: String },
     #[error("no healthy replica of {endpoint} answered within {waited_secs}s")]
     NoReplica { endpoint: String, waited_secs: u64 },
+}
+
+impl Error {
+    /// Whether the server refused the ticket as costlier than an alternative (a
+    /// `changed_keys` ticket over versions that differ in most of the table, say).
+    pub fn is_failed_precondition(&self) -> bool {
+        matches!(
+            self,
+            Error::Read { source: arrow_flight::error::FlightError::Tonic(status), .. }
+                if status.code() == tonic::Code::FailedPrecondition
+        )
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,7 +1,9 @@
 //! The Flight face of a layer service: it serves its own layer of the lake.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
+use arrow::array::RecordBatch;
 use arrow::ipc::writer::IpcWriteOptions;
 use arrow_flight::{
     Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo,
@@ -14,6 +16,7 @@ use medallion_lake::{Lake, TableSnapshot};
 use medallion_spec::Layer;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::keys::{ChangedKeys, KeySet};
 use crate::{MAX_FLIGHT_MESSAGE_BYTES, TableTicket};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -89,6 +92,62 @@ impl LayerFlightService {
             None => None,
         };
         Ok((layer, parts[1].clone(), version))
+    }
+
+    /// Serves a `changed_keys` ticket: compares the files one version dropped with the files
+    /// the other added (a rewrite of touched buckets, say) and returns the changed groups.
+    async fn changed_keys(
+        &self,
+        ticket: &TableTicket,
+        newer: &TableSnapshot,
+        columns: &[String],
+    ) -> Result<RecordBatch, Status> {
+        let Some(since) = ticket.since else {
+            return Err(Status::invalid_argument(
+                "a changed_keys ticket needs `since`, the older version",
+            ));
+        };
+        let older = self
+            .snapshot(ticket.layer, &ticket.table, Some(since))
+            .await?;
+        let what = format!(
+            "{}.{} versions {since} and {}",
+            ticket.layer, ticket.table, newer.version
+        );
+        if older.schema.fields() != newer.schema.fields() {
+            return Err(Status::failed_precondition(format!(
+                "{what} have different schemas"
+            )));
+        }
+        let dropped = older.files_added_since(newer);
+        let added = newer.files_added_since(&older);
+        let differing: i64 = dropped.iter().chain(&added).map(|f| f.size).sum();
+        if differing > newer.total_bytes() {
+            return Err(Status::failed_precondition(format!(
+                "{what} differ in {differing} bytes of files, more than the table's {}",
+                newer.total_bytes()
+            )));
+        }
+        let internal = |e: &dyn std::fmt::Display| Status::internal(format!("{what}: {e}"));
+        let mut changed =
+            ChangedKeys::new(newer.schema.clone(), columns).map_err(|e| internal(&e))?;
+        for file in &dropped {
+            let mut batches = self.lake.read_file(&older, file, READ_BATCH_ROWS);
+            while let Some(batch) = batches.next().await {
+                let batch = batch.map_err(|e| internal(&e))?;
+                changed.add_older(&batch).map_err(|e| internal(&e))?;
+            }
+        }
+        for file in &added {
+            let mut batches = self.lake.read_file(newer, file, READ_BATCH_ROWS);
+            while let Some(batch) = batches.next().await {
+                let batch = batch.map_err(|e| internal(&e))?;
+                changed.add_newer(&batch).map_err(|e| internal(&e))?;
+            }
+        }
+        let keys = changed.finish().map_err(|e| internal(&e))?;
+        tracing::debug!(table = %ticket.table, since, version = newer.version, dropped = dropped.len(), added = added.len(), groups = keys.num_rows(), "changed keys");
+        Ok(keys)
     }
 
     fn flight_info(snapshot: &TableSnapshot) -> Result<FlightInfo, Status> {
@@ -185,6 +244,15 @@ impl FlightService for LayerFlightService {
         let snapshot = self
             .snapshot(ticket.layer, &ticket.table, Some(ticket.version))
             .await?;
+        if let Some(columns) = &ticket.changed_keys {
+            let keys = self.changed_keys(&ticket, &snapshot, columns).await?;
+            let encoded = FlightDataEncoderBuilder::new()
+                .with_schema(keys.schema())
+                .with_max_flight_data_size(MAX_FLIGHT_MESSAGE_BYTES)
+                .build(stream::once(async move { Ok(keys) }))
+                .map_err(Status::from);
+            return Ok(Response::new(encoded.boxed()));
+        }
         let candidates = match ticket.since {
             Some(since) if since >= 0 => {
                 let older = self
@@ -214,6 +282,13 @@ impl FlightService for LayerFlightService {
             Some(c) => snapshot.projected_schema(c),
             None => snapshot.schema.clone(),
         };
+        let key_set = match &ticket.rows_in {
+            Some(filter) => Some(Arc::new(
+                KeySet::new(filter, &schema)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            )),
+            None => None,
+        };
         // One file at a time, batch by batch: memory stays bounded by a few batches.
         let batches = stream::iter(files)
             .map(move |file| match &columns {
@@ -221,7 +296,14 @@ impl FlightService for LayerFlightService {
                 None => lake.read_file(&snapshot, &file, READ_BATCH_ROWS),
             })
             .flatten()
-            .map_err(|e| FlightError::ExternalError(Box::new(e)));
+            .map_err(|e| FlightError::ExternalError(Box::new(e)))
+            .and_then(move |batch| {
+                let filtered = match &key_set {
+                    Some(keys) => keys.filter(&batch).map_err(FlightError::from),
+                    None => Ok(batch),
+                };
+                futures::future::ready(filtered)
+            });
         let encoded = FlightDataEncoderBuilder::new()
             .with_schema(schema)
             .with_max_flight_data_size(MAX_FLIGHT_MESSAGE_BYTES)

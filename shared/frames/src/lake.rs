@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
 use medallion_lake::{CommitOutcome, CommitSpec, Lake};
 use medallion_spec::TableRef;
 use polars::prelude::{DataFrame, DataType, IntoColumn};
@@ -26,14 +28,18 @@ pub async fn commit_frame(
     tags: BTreeMap<String, String>,
     spec: CommitSpec,
 ) -> Result<CommitOutcome, CommitError> {
-    let df = signed_integers(df)?;
-    let (schema, batches) = crate::batches_from_frame(&df, WRITE_BATCH_ROWS)?;
+    let (schema, batches) = lake_batches(df)?;
     let mut writer = lake.writer(table.layer, &table.name, schema).await?;
     for batch in batches {
         writer.write(batch).await?;
     }
     writer.finish_part(tags).await?;
     Ok(writer.commit(spec).await?)
+}
+
+/// `df` as the record batches a lake table stores (unsigned integers widened to Int64).
+pub fn lake_batches(df: &DataFrame) -> Result<(SchemaRef, Vec<RecordBatch>), crate::Error> {
+    crate::batches_from_frame(&signed_integers(df)?, WRITE_BATCH_ROWS)
 }
 
 /// Delta has no unsigned integers; polars counts are UInt32. Widen them losslessly to Int64.

@@ -506,4 +506,4 @@ fn export_array(
 mod tests;
 
 mod lake;
-pub use lake::{CommitError, commit_frame};
+pub use lake::{CommitError, commit_frame, lake_batches};

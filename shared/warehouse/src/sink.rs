@@ -113,6 +113,84 @@ impl PostgresSink {
         .await
     }
 
+    /// The version of its source table `target` holds, as the last [`PostgresSink::load_changes`]
+    /// recorded it (`None` if none did).
+    pub async fn loaded_version(&mut self, target: &QualifiedName) -> Result<Option<i64>> {
+        target.validate()?;
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(postgres(target, "BEGIN"))?;
+        loaded_version(&tx, target).await
+    }
+
+    /// Merges `rows` (of `schema`) into `target` on `keys`, deletes the target rows whose
+    /// keys equal a row of `deletes` (the key columns, in `keys` order; nulls match nulls),
+    /// and records `version` as what the target holds, in one transaction. Returns `None`,
+    /// changing nothing, unless the target still records `base`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn load_changes<S, E>(
+        &mut self,
+        target: &QualifiedName,
+        schema: &SchemaRef,
+        upserts: S,
+        deletes: RecordBatch,
+        keys: &[String],
+        base: Option<i64>,
+        version: i64,
+    ) -> Result<Option<LoadReport>>
+    where
+        S: Stream<Item = Result<RecordBatch, E>>,
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let span = tracing::info_span!("warehouse_load_changes", table = %target, ?base, version);
+        async move {
+            target.validate()?;
+            let columns = plan_columns(target, schema)?;
+            let keys = plan_keys(target, &columns, keys)?;
+            let tx = self
+                .client
+                .transaction()
+                .await
+                .map_err(postgres(target, "BEGIN"))?;
+            let loaded = loaded_version(&tx, target).await?;
+            if loaded != base {
+                tracing::info!(?loaded, ?base, "the target's loaded version changed");
+                return Ok(None);
+            }
+            ensure_table(&tx, target, &columns, &keys).await?;
+            tx.batch_execute(&format!(
+                "CREATE TEMP TABLE {STAGING} (LIKE {target} INCLUDING DEFAULTS) ON COMMIT DROP"
+            ))
+            .await
+            .map_err(postgres(target, "creating the staging table"))?;
+            let rows = copy_into(&tx, target, STAGING, schema, &columns, upserts).await?;
+            let (inserted, updated) = merge(&tx, target, &columns, &keys).await?;
+            let mut report = LoadReport {
+                rows,
+                inserted,
+                updated,
+                deleted: 0,
+            };
+            if deletes.num_rows() > 0 {
+                report.deleted = delete_keys(&tx, target, &columns, &keys, deletes).await?;
+            }
+            record_version(&tx, target, version).await?;
+            tx.commit().await.map_err(postgres(target, "COMMIT"))?;
+            tracing::info!(
+                rows = report.rows,
+                inserted = report.inserted,
+                updated = report.updated,
+                deleted = report.deleted,
+                "changes loaded"
+            );
+            Ok(Some(report))
+        }
+        .instrument(span)
+        .await
+    }
+
     async fn load_inner<S, E>(
         &mut self,
         target: &QualifiedName,
@@ -143,7 +221,7 @@ impl PostgresSink {
         ))
         .await
         .map_err(postgres(target, "creating the staging table"))?;
-        let rows = copy_into_staging(&tx, target, schema, &columns, batches).await?;
+        let rows = copy_into(&tx, target, STAGING, schema, &columns, batches).await?;
 
         let column_list = join(columns.iter().map(|c| quote_ident(&c.name)));
         let mut report = LoadReport {
@@ -393,9 +471,11 @@ async fn check_columns(
 }
 
 /// Streams the batches into the staging table with binary COPY; returns the rows copied.
-async fn copy_into_staging<S, E>(
+/// Copies `batches` into the temporary table `into` (holding `columns` of `target`).
+async fn copy_into<S, E>(
     tx: &Transaction<'_>,
     target: &QualifiedName,
+    into: &str,
     schema: &SchemaRef,
     columns: &[PgColumn],
     batches: S,
@@ -407,7 +487,7 @@ where
     let column_list = join(columns.iter().map(|c| quote_ident(&c.name)));
     let sink = tx
         .copy_in::<_, Bytes>(&format!(
-            "COPY {STAGING} ({column_list}) FROM STDIN (FORMAT binary)"
+            "COPY {into} ({column_list}) FROM STDIN (FORMAT binary)"
         ))
         .await
         .map_err(postgres(target, "starting COPY"))?;
@@ -462,6 +542,107 @@ where
 
 fn finish_error(error: tokio_postgres::Error, target: &QualifiedName) -> Error {
     postgres(target, "COPY into the staging table")(error)
+}
+
+/// The temporary table of the keys [`PostgresSink::load_changes`] deletes.
+const DELETED_KEYS: &str = "pg_temp.\"medallion_deleted_keys\"";
+
+/// The table, in each target's schema, recording the table version each target holds.
+const LOADS_TABLE: &str = "medallion_loads";
+
+fn loads_table(target: &QualifiedName) -> QualifiedName {
+    QualifiedName::new(target.schema.clone(), LOADS_TABLE)
+}
+
+/// The version [`record_version`] last recorded for `target`, if any.
+async fn loaded_version(tx: &Transaction<'_>, target: &QualifiedName) -> Result<Option<i64>> {
+    let loads = loads_table(target);
+    if relation_oid(tx, &loads).await?.is_none() {
+        return Ok(None);
+    }
+    let row = tx
+        .query_opt(
+            &format!("SELECT version FROM {loads} WHERE target = $1::text"),
+            &[&target.table],
+        )
+        .await
+        .map_err(postgres(target, "reading the loaded version"))?;
+    row.map(|r| r.try_get(0))
+        .transpose()
+        .map_err(postgres(target, "reading the loaded version"))
+}
+
+/// Records that `target` now holds `version` of its source table.
+async fn record_version(tx: &Transaction<'_>, target: &QualifiedName, version: i64) -> Result<()> {
+    let loads = loads_table(target);
+    if relation_oid(tx, &loads).await?.is_none() {
+        // Two first loads into one schema would race on CREATE TABLE; the lock (held to the
+        // end of this transaction) makes the second see the first's table.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1::text))",
+            &[&loads.to_string()],
+        )
+        .await
+        .map_err(postgres(target, "locking the loads table"))?;
+        tx.batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {loads} (target text PRIMARY KEY, version bigint NOT NULL, \
+             loaded_at timestamptz NOT NULL DEFAULT now())"
+        ))
+        .await
+        .map_err(postgres(target, "creating the loads table"))?;
+    }
+    tx.execute(
+        &format!(
+            "INSERT INTO {loads} (target, version) VALUES ($1::text, $2::bigint) \
+             ON CONFLICT (target) DO UPDATE SET version = EXCLUDED.version, loaded_at = now()"
+        ),
+        &[&target.table, &version],
+    )
+    .await
+    .map_err(postgres(target, "recording the loaded version"))?;
+    Ok(())
+}
+
+/// Deletes the target rows whose keys equal a row of `deletes` (nulls match nulls, as in a
+/// group-by); returns how many.
+async fn delete_keys(
+    tx: &Transaction<'_>,
+    target: &QualifiedName,
+    columns: &[PgColumn],
+    keys: &[String],
+    deletes: RecordBatch,
+) -> Result<u64> {
+    let key_columns: Vec<PgColumn> = keys
+        .iter()
+        .filter_map(|k| columns.iter().find(|c| &c.name == k))
+        .map(|c| PgColumn {
+            name: c.name.clone(),
+            pg_type: c.pg_type.clone(),
+            nullable: true,
+        })
+        .collect();
+    let key_list = join(keys.iter().map(|k| quote_ident(k)));
+    tx.batch_execute(&format!(
+        "CREATE TEMP TABLE {DELETED_KEYS} ON COMMIT DROP AS SELECT {key_list} FROM {target} WITH NO DATA"
+    ))
+    .await
+    .map_err(postgres(target, "creating the deleted keys table"))?;
+    let schema = deletes.schema();
+    let batches = futures::stream::iter([Ok::<_, std::convert::Infallible>(deletes)]);
+    copy_into(tx, target, DELETED_KEYS, &schema, &key_columns, batches).await?;
+    let matches = join_with(
+        keys.iter().map(|k| {
+            let k = quote_ident(k);
+            format!("t.{k} IS NOT DISTINCT FROM d.{k}")
+        }),
+        " AND ",
+    );
+    tx.execute(
+        &format!("DELETE FROM {target} AS t USING {DELETED_KEYS} AS d WHERE {matches}"),
+        &[],
+    )
+    .await
+    .map_err(postgres(target, "deleting the rows of deleted keys"))
 }
 
 /// Upserts the staged rows; returns (inserted, updated).

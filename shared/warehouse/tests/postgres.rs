@@ -802,3 +802,121 @@ async fn connect_errors_never_show_the_password() {
         "{error:?}"
     );
 }
+
+/// The key columns (region, id) of `rows`, for deletes.
+fn key_batch(rows: &[(Option<&str>, Option<i64>)]) -> Result<RecordBatch, ArrowError> {
+    RecordBatch::try_new(
+        Arc::new(Schema::new(vec![
+            Field::new("region", DataType::Utf8, true),
+            Field::new("id", DataType::Int64, true),
+        ])),
+        vec![
+            Arc::new(StringArray::from(
+                rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+            )),
+            Arc::new(Int64Array::from(
+                rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+            )),
+        ],
+    )
+}
+
+#[tokio::test]
+async fn versioned_loads_upsert_delete_and_refuse_a_stale_base() -> TestResult {
+    let mut fx = Fixture::new().await?;
+    let target = fx.table("by_key");
+    let schema = merge_schema();
+    let keys = vec!["region".to_owned(), "id".to_owned()];
+    // Without a primary key, so a null key can be stored and deleted.
+    fx.admin
+        .batch_execute(&format!(
+            "CREATE SCHEMA \"{0}\"; CREATE TABLE \"{0}\".by_key \
+             (region text, id bigint, name text, amount numeric(12,2))",
+            fx.schema
+        ))
+        .await?;
+    assert_eq!(fx.sink.loaded_version(&target).await?, None);
+    let first = merge_batch(&[
+        (Some("eu"), Some(1), Some("a"), Some(100)),
+        (Some("us"), Some(2), Some("b"), Some(200)),
+        (None, Some(3), Some("c"), Some(300)),
+    ])?;
+    let report = fx
+        .sink
+        .load_changes(
+            &target,
+            &schema,
+            ok_stream(vec![first]),
+            key_batch(&[])?,
+            &keys,
+            None,
+            4,
+        )
+        .await?;
+    assert_eq!(report.map(|r| r.inserted), Some(3));
+    assert_eq!(fx.sink.loaded_version(&target).await?, Some(4));
+
+    // From version 4 to 6: one row updated, one new, the null-region key deleted.
+    let changes = merge_batch(&[
+        (Some("eu"), Some(1), Some("a2"), Some(150)),
+        (Some("eu"), Some(9), Some("z"), Some(900)),
+    ])?;
+    let report = fx
+        .sink
+        .load_changes(
+            &target,
+            &schema,
+            ok_stream(vec![changes.clone()]),
+            key_batch(&[(None, Some(3))])?,
+            &keys,
+            Some(4),
+            6,
+        )
+        .await?
+        .expect("the target holds version 4");
+    assert_eq!((report.inserted, report.updated, report.deleted), (1, 1, 1));
+    let select = format!(
+        "SELECT region, id::text, name, amount::text FROM \"{}\".by_key ORDER BY id",
+        fx.schema
+    );
+    let expected = vec![
+        vec![
+            Some("eu".into()),
+            Some("1".into()),
+            Some("a2".into()),
+            Some("1.50".into()),
+        ],
+        vec![
+            Some("us".into()),
+            Some("2".into()),
+            Some("b".into()),
+            Some("2.00".into()),
+        ],
+        vec![
+            Some("eu".into()),
+            Some("9".into()),
+            Some("z".into()),
+            Some("9.00".into()),
+        ],
+    ];
+    assert_eq!(fx.rows(&select).await?, expected);
+    assert_eq!(fx.sink.loaded_version(&target).await?, Some(6));
+
+    // Changes over a version the target does not hold change nothing.
+    let stale = fx
+        .sink
+        .load_changes(
+            &target,
+            &schema,
+            ok_stream(vec![changes]),
+            key_batch(&[(Some("us"), Some(2))])?,
+            &keys,
+            Some(5),
+            7,
+        )
+        .await?;
+    assert_eq!(stale, None);
+    assert_eq!(fx.rows(&select).await?, expected);
+    assert_eq!(fx.sink.loaded_version(&target).await?, Some(6));
+    fx.drop_schema().await
+}
