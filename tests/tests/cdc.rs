@@ -328,12 +328,20 @@ fn debezium_message(change: &SourceChange, mysql: bool) -> (String, String) {
     if change.position % 16 == 0 {
         (
             format!(r#"{{"schema":{{"type":"struct","optional":false}},"payload":{key}}}"#),
-            format!(r#"{{"schema":{{"type":"struct","optional":false}},"payload":{envelope}}}"#),
+            format!(r#"{{"schema":{ENVELOPE_SCHEMA},"payload":{envelope}}}"#),
         )
     } else {
         (key, envelope)
     }
 }
+
+/// The JsonConverter's schema of a customers change event (decimals as text, dates as days).
+const ENVELOPE_SCHEMA: &str = r#"{"type":"struct","fields":[
+{"type":"struct","fields":[{"type":"int64","optional":false,"field":"id"},{"type":"string","optional":true,"field":"name"},{"type":"string","optional":true,"field":"region"},{"type":"string","optional":true,"field":"balance"},{"type":"int64","optional":true,"field":"visits"},{"type":"int32","optional":true,"name":"io.debezium.time.Date","version":1,"field":"signup"}],"optional":true,"name":"shop.customers.Value","field":"before"},
+{"type":"struct","fields":[{"type":"int64","optional":false,"field":"id"},{"type":"string","optional":true,"field":"name"},{"type":"string","optional":true,"field":"region"},{"type":"string","optional":true,"field":"balance"},{"type":"int64","optional":true,"field":"visits"},{"type":"int32","optional":true,"name":"io.debezium.time.Date","version":1,"field":"signup"}],"optional":true,"name":"shop.customers.Value","field":"after"},
+{"type":"struct","fields":[{"type":"string","optional":false,"field":"connector"}],"optional":false,"name":"io.debezium.connector.Source","field":"source"},
+{"type":"string","optional":false,"field":"op"},{"type":"int64","optional":true,"field":"ts_ms"}],
+"optional":false,"name":"shop.customers.Envelope"}"#;
 
 /// Sends the changes, partitioned by key, each delete followed by its tombstone; then sends
 /// `late` of them again (duplicates arriving after newer changes of their keys).
@@ -470,7 +478,7 @@ silver:
 warehouse:
   postgres: {{ url_env: MEDALLION_WAREHOUSE_URL }}
 "#,
-        customers_silver(
+        untyped_customers_silver(
             "customers",
             "bronze.customers_pg",
             "stored_as: scd1, buckets: 8"
@@ -500,6 +508,14 @@ fn customers_silver(name: &str, from: &str, apply: &str) -> String {
       - {{ name: signup, type: date }}
 "#
     )
+}
+
+/// Like [`customers_silver`], with `visits` and `signup` typed by the Debezium schema that
+/// every 16th message carries.
+fn untyped_customers_silver(name: &str, from: &str, apply: &str) -> String {
+    customers_silver(name, from, apply)
+        .replace("{ name: visits, type: int64 }", "{ name: visits }")
+        .replace("{ name: signup, type: date }", "{ name: signup }")
 }
 
 /// Checks every silver table and the warehouse against the source tables' states.
@@ -745,6 +761,18 @@ async fn debezium_changes_apply_to_silver_scd1_scd2_and_gold_in_postgres() {
     let (run, _) = cluster.run("cdc_apply", false).await.expect("run 1");
     assert!(succeeded(&run), "{run:?}");
     assert_applied(&cluster, &pg_state, &pg_changes, &my_state, &schema).await;
+    // Types not declared came from the Debezium schema of the events.
+    let silver = cluster.read("silver.customers").await.expect("read silver");
+    let silver_schema = silver.first().expect("rows").schema();
+    let type_of = |c: &str| {
+        silver_schema
+            .field_with_name(c)
+            .expect(c)
+            .data_type()
+            .clone()
+    };
+    assert_eq!(type_of("signup"), arrow::datatypes::DataType::Date32);
+    assert_eq!(type_of("visits"), arrow::datatypes::DataType::Int64);
     let dead = cluster
         .read("quarantine.customers")
         .await

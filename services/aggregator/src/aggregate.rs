@@ -388,9 +388,12 @@ fn touched_changes(
         files(touched::CHANGE_UPSERTS),
         files(touched::CHANGE_DELETES),
     );
-    let base = upserts
+    // Every file of such a commit carries the base (when no group changed there are no
+    // change files, only the carried-over rows).
+    let base = snapshot
+        .files
         .iter()
-        .chain(&deletes)
+        .chain(&snapshot.hidden)
         .find_map(|f| f.tags.get(touched::TAG_CHANGE_BASE))?
         .parse::<i64>()
         .ok()?;

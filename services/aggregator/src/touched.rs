@@ -10,7 +10,7 @@ use arrow::array::{ArrayRef, RecordBatch, new_null_array};
 use arrow::compute::{cast, concat_batches};
 use arrow::datatypes::SchemaRef;
 use futures::StreamExt;
-use medallion_flight::{KeyFilter, KeySet};
+use medallion_flight::{KeyFilter, KeySet, TableTicket};
 use medallion_lake::{DataFile, Layer, TAG_HIDDEN, TableSnapshot, WriteMode};
 use medallion_server::CancellationToken;
 use medallion_spec::{GoldSpec, TableRef};
@@ -25,12 +25,15 @@ pub(crate) const TAG_CHANGE: &str = "medallion.change";
 pub(crate) const CHANGE_UPSERTS: &str = "upserts";
 /// One row per group that vanished: its keys, other columns null.
 pub(crate) const CHANGE_DELETES: &str = "deletes";
-/// Tag of those files: the gold version the changes apply to.
+/// Tag of every file of such a commit: the gold version the changes apply to.
 pub(crate) const TAG_CHANGE_BASE: &str = "medallion.change_base";
 
 /// Touched groups beyond this fraction of the table's make recomputing it whole the cheaper
 /// way: the filtered read of silver would carry most of it anyway.
 const MAX_TOUCHED_FRACTION: f64 = 0.5;
+
+/// Largest key set sent to the refiner; beyond it the whole table is recomputed.
+const MAX_FILTER_BYTES: usize = 4 * 1024 * 1024;
 
 /// Rows per batch read from gold files.
 const READ_BATCH_ROWS: usize = 64 * 1024;
@@ -95,16 +98,28 @@ impl Aggregator {
             r = reader.read_all(&changed) => r,
             _ = cancel.cancelled() => return Err(TaskError::Cancelled),
         };
-        let keys = match read {
-            Ok((schema, batches)) => {
-                concat_batches(&schema, &batches).map_err(TaskError::internal)?
-            }
-            Err(e) if e.is_failed_precondition() => {
-                tracing::info!(table = %task.table, reason = %e, "recomputing the whole table");
+        // Whatever keeps the changed groups from being known (changes too wide, an old
+        // version gone), the whole table is the way.
+        let keys = match read
+            .map_err(|e| e.to_string())
+            .and_then(|(schema, batches)| {
+                concat_batches(&schema, &batches).map_err(|e| e.to_string())
+            }) {
+            Ok(keys) => keys,
+            Err(reason) => {
+                tracing::info!(table = %task.table, %reason, "recomputing the whole table");
                 return Ok(None);
             }
-            Err(e) => return Err(TaskError::internal(e)),
         };
+        // Floats compare by bits in a key set (0.0 is not -0.0) but group by value.
+        if keys
+            .schema()
+            .fields()
+            .iter()
+            .any(|f| f.data_type().is_floating())
+        {
+            return Ok(None);
+        }
         let groups = current.total_rows().unwrap_or(0).max(1) as f64;
         if keys.num_rows() as f64 > MAX_TOUCHED_FRACTION * groups {
             tracing::info!(table = %task.table, touched = keys.num_rows(), groups, "most groups changed; recomputing the whole table");
@@ -126,7 +141,15 @@ impl Aggregator {
             (current.schema.clone(), Vec::new())
         } else {
             let filter = KeyFilter::new(&keys).map_err(TaskError::internal)?;
-            let filtered: Vec<_> = tickets.iter().map(|t| t.rows_in(filter.clone())).collect();
+            if filter.values.len() > MAX_FILTER_BYTES {
+                return Ok(None);
+            }
+            // One ticket for the whole version: the filtered rows are few, and the key set
+            // travels once.
+            let filtered = [TableTicket {
+                partition: None,
+                ..first.rows_in(filter)
+            }];
             let (silver_schema, batches) = tokio::select! {
                 r = reader.read_all(&filtered) => r.map_err(TaskError::internal)?,
                 _ = cancel.cancelled() => return Err(TaskError::Cancelled),
@@ -175,7 +198,8 @@ impl Aggregator {
             .writer(Layer::Gold, &spec.name, schema.clone())
             .await
             .map_err(TaskError::internal)?;
-        let tags = task.input_tags();
+        let mut tags = task.input_tags();
+        tags.insert(TAG_CHANGE_BASE.into(), current.version.to_string());
         for batch in sorted {
             writer.write(batch).await.map_err(TaskError::internal)?;
         }

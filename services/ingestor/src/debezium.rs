@@ -22,6 +22,8 @@ pub struct Change<'a> {
     pub after: Option<&'a str>,
     pub source: Option<&'a str>,
     pub ts_ms: Option<i64>,
+    /// The envelope's schema as the JsonConverter sent it (schemas on), as its own text.
+    pub schema: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,11 +82,12 @@ pub fn parse<'a>(
     let text = std::str::from_utf8(value).map_err(|e| format!("value is not JSON: {e}"))?;
     let members = fields(text, ENVELOPE).map_err(|e| not_an_object(text, &e))?;
     // With schemas on, the converter wraps the envelope as `{"schema": …, "payload": …}`.
-    let [_, _, op, before, after, source, ts_ms] = match members {
-        [Some(_), Some(payload), None, ..] => {
-            fields(payload, ENVELOPE).map_err(|e| format!("`payload` is not an object: {e}"))?
-        }
-        members => members,
+    let (schema, [_, _, op, before, after, source, ts_ms]) = match members {
+        [Some(schema), Some(payload), None, ..] => (
+            Some(schema).filter(|s| *s != "null"),
+            fields(payload, ENVELOPE).map_err(|e| format!("`payload` is not an object: {e}"))?,
+        ),
+        members => (None, members),
     };
     let op = match op {
         Some(raw) => match plain_string(raw) {
@@ -157,7 +160,25 @@ pub fn parse<'a>(
         after,
         source,
         ts_ms,
+        schema,
     }))
+}
+
+/// The Debezium schema of the row images in an envelope schema: the `fields` of its `after`
+/// (else `before`) struct, as JSON text. `None` when the schema does not describe them.
+pub fn row_fields(envelope_schema: &str) -> Option<String> {
+    let schema: Value = serde_json::from_str(envelope_schema).ok()?;
+    let members = schema.get("fields")?.as_array()?;
+    let image = |name: &str| {
+        members
+            .iter()
+            .find(|f| f.get("field").and_then(Value::as_str) == Some(name))
+            .and_then(|f| f.get("fields"))
+            .filter(|f| f.is_array())
+    };
+    image("after")
+        .or_else(|| image("before"))
+        .map(Value::to_string)
 }
 
 /// Why a value that is not an object was refused: not JSON at all, or JSON of another kind.
@@ -303,7 +324,8 @@ mod tests {
             &options,
         )
         .unwrap();
-        assert_eq!(off, on);
+        assert_eq!(on.schema, Some(r#"{"type":"struct"}"#));
+        assert_eq!(off, Change { schema: None, ..on });
         assert_eq!(off.op, Op::Update);
         assert_eq!(off.key, r#"{"id":7}"#);
         assert_eq!(off.sequence, "00000000000024023128");
@@ -344,6 +366,25 @@ mod tests {
                 .sequence,
             "00000000000000000042"
         );
+    }
+
+    #[test]
+    fn the_row_schema_comes_from_the_after_struct_of_the_envelope_schema() {
+        let schema = r#"{"type":"struct","fields":[
+            {"type":"struct","fields":[{"type":"int64","optional":false,"field":"id"}],"optional":true,"field":"before"},
+            {"type":"struct","fields":[{"type":"int64","optional":false,"field":"id"},
+              {"type":"int32","optional":true,"name":"io.debezium.time.Date","field":"signup"}],"optional":true,"field":"after"},
+            {"type":"string","optional":false,"field":"op"}],"optional":false,"name":"shop.Envelope"}"#;
+        let wrapped = format!(r#"{{"schema":{schema},"payload":{PG_UPDATE}}}"#);
+        let c = change(Some("1"), &wrapped, &Options::default()).unwrap();
+        let fields = row_fields(c.schema.expect("schema kept")).expect("row fields");
+        let fields: Value = serde_json::from_str(&fields).unwrap();
+        assert_eq!(fields[1]["name"], "io.debezium.time.Date");
+        assert_eq!(fields.as_array().map(Vec::len), Some(2));
+        assert_eq!(row_fields(r#"{"type":"struct"}"#), None);
+        // Schemas off: no schema.
+        let off = change(Some("1"), PG_UPDATE, &Options::default()).unwrap();
+        assert_eq!(off.schema, None);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use medallion_lake::{CommitOutcome, CommitSpec, Lake, WriteMode};
 use medallion_server::CancellationToken;
-use medallion_spec::{KafkaSourceSpec, Layer};
+use medallion_spec::{KafkaSourceSpec, Layer, ROW_SCHEMA};
 use medallion_stage::{Manifest, Progress, TaskError, TaskRequest};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
@@ -38,6 +38,7 @@ pub fn change_schema() -> SchemaRef {
         Field::new("sequence", DataType::Utf8, true),
         Field::new("before", DataType::Utf8, true),
         Field::new("after", DataType::Utf8, true),
+        Field::new(ROW_SCHEMA, DataType::Utf8, true),
         Field::new("source", DataType::Utf8, true),
         Field::new("ts_ms", DataType::Int64, true),
         Field::new("_topic", DataType::Utf8, false),
@@ -65,6 +66,12 @@ struct BatchBuilder {
     sequence: StringBuilder,
     before: StringBuilder,
     after: StringBuilder,
+    row_schema: StringBuilder,
+    /// The last envelope schema seen and the row schema found in it: consecutive messages
+    /// almost always repeat it, so comparing the text saves parsing it again.
+    schema_seen: Option<(String, Option<String>)>,
+    /// The row schema last written into this batch.
+    row_schema_written: Option<String>,
     source: StringBuilder,
     ts_ms: Int64Builder,
     topic: StringBuilder,
@@ -86,6 +93,9 @@ impl BatchBuilder {
             sequence: StringBuilder::new(),
             before: StringBuilder::new(),
             after: StringBuilder::new(),
+            row_schema: StringBuilder::new(),
+            schema_seen: None,
+            row_schema_written: None,
             source: StringBuilder::new(),
             ts_ms: Int64Builder::new(),
             topic: StringBuilder::new(),
@@ -128,6 +138,7 @@ impl BatchBuilder {
                 self.sequence.append_value(&c.sequence);
                 self.before.append_option(c.before);
                 self.after.append_option(c.after);
+                self.push_row_schema(c.schema);
                 self.source.append_option(c.source);
                 self.ts_ms.append_option(c.ts_ms);
                 self.error.append_null();
@@ -140,6 +151,7 @@ impl BatchBuilder {
                     &mut self.sequence,
                     &mut self.before,
                     &mut self.after,
+                    &mut self.row_schema,
                     &mut self.source,
                 ] {
                     b.append_null();
@@ -159,6 +171,26 @@ impl BatchBuilder {
         self.rows += 1;
     }
 
+    /// Records the row schema of a message's envelope schema where it differs from the last
+    /// one written into the batch (null elsewhere: readers need it once, not per row).
+    fn push_row_schema(&mut self, schema: Option<&str>) {
+        let Some(schema) = schema else {
+            self.row_schema.append_null();
+            return;
+        };
+        if !matches!(&self.schema_seen, Some((seen, _)) if seen == schema) {
+            self.schema_seen = Some((schema.to_string(), debezium::row_fields(schema)));
+        }
+        let fields = self.schema_seen.as_ref().and_then(|(_, f)| f.as_deref());
+        match fields {
+            Some(fields) if self.row_schema_written.as_deref() != Some(fields) => {
+                self.row_schema.append_value(fields);
+                self.row_schema_written = Some(fields.to_string());
+            }
+            _ => self.row_schema.append_null(),
+        }
+    }
+
     fn finish(&mut self, ingested_at_us: i64, run_id: &str) -> Result<RecordBatch, TaskError> {
         let n = self.rows;
         let columns: Vec<ArrayRef> = vec![
@@ -167,6 +199,7 @@ impl BatchBuilder {
             Arc::new(self.sequence.finish()),
             Arc::new(self.before.finish()),
             Arc::new(self.after.finish()),
+            Arc::new(self.row_schema.finish()),
             Arc::new(self.source.finish()),
             Arc::new(self.ts_ms.finish()),
             Arc::new(self.topic.finish()),
@@ -184,6 +217,7 @@ impl BatchBuilder {
             )),
         ];
         self.rows = 0;
+        self.row_schema_written = None;
         RecordBatch::try_new(change_schema(), columns).map_err(TaskError::internal)
     }
 }

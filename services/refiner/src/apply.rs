@@ -30,6 +30,7 @@ use medallion_spec::{
 use medallion_stage::{Manifest, Progress, TaskError, TaskRequest};
 
 use crate::refine::Refiner;
+use crate::row_schema::{self, Decode, RowSchema};
 
 /// Data-file tag naming the key bucket a file holds.
 pub const TAG_BUCKET: &str = "medallion.bucket";
@@ -67,7 +68,16 @@ pub async fn run(
     {
         return Ok(Manifest::of_snapshot(snapshot, false));
     }
-    let table = ChangeTable::new(spec, apply)?;
+    // Column types not declared come from the table as it is, or from the Debezium schema
+    // of the changes (known once the first change rows are read).
+    let existing = current.as_ref().map(|c| c.schema.clone());
+    let table_of = |row_schema: Option<&str>| -> Result<ChangeTable, TaskError> {
+        let row_schema = row_schema
+            .map(RowSchema::parse)
+            .transpose()
+            .map_err(|e| TaskError::Invalid(format!("silver.{name}: {e}")))?;
+        ChangeTable::new(spec, apply, existing.as_deref(), row_schema.as_ref())
+    };
 
     // Which bronze version this table has applied, under this very definition.
     let bronze_version =
@@ -111,6 +121,10 @@ pub async fn run(
     let mut stream = refiner.bronze_flight.stream(&tickets);
     let (mut parsed, mut pending) = (Vec::new(), Vec::new());
     let (mut rows, mut bytes, mut pending_rows) = (0u64, 0u64, 0usize);
+    // The table is set up on the first change rows: with their Debezium schema if they carry
+    // one (it tells how values are encoded), else from the declared and existing types; rows
+    // wait unparsed while neither gives every column a type.
+    let mut table: Option<ChangeTable> = None;
     loop {
         let next = tokio::select! {
             next = stream.next_batch() => next?,
@@ -122,8 +136,16 @@ pub async fn run(
         progress.report(&phase, rows, bytes, false);
         pending_rows += batch.num_rows();
         pending.push(batch);
-        if pending_rows >= PARSE_CHUNK_ROWS {
-            parsed.push(parse_chunk(&table, std::mem::take(&mut pending)).await?);
+        if table.is_none() {
+            table = match row_schema::find(&pending) {
+                Some(found) => Some(table_of(Some(found))?),
+                None => table_of(None).ok(),
+            };
+        }
+        if let Some(table) = &table
+            && pending_rows >= PARSE_CHUNK_ROWS
+        {
+            parsed.push(parse_chunk(table, std::mem::take(&mut pending)).await?);
             pending_rows = 0;
         }
     }
@@ -134,6 +156,10 @@ pub async fn run(
             return Ok(Manifest::of_snapshot(snapshot, false));
         }
     }
+    let table = match table {
+        Some(table) => table,
+        None => table_of(None)?,
+    };
     if !pending.is_empty() {
         parsed.push(parse_chunk(&table, pending).await?);
     }
@@ -391,6 +417,8 @@ struct ChangeTable {
     columns: Vec<Field>,
     /// Field of the row image each declared column comes from.
     image_fields: Vec<String>,
+    /// How each declared column's image field is read.
+    decode: Vec<Decode>,
     /// Positions (in `columns`) of the columns whose change starts a new SCD2 version.
     tracked: Vec<usize>,
     /// Declared columns, `__key`, `__seq`, `__op`, `__offset`.
@@ -496,19 +524,65 @@ fn arrow_error(table: &str, what: &str) -> impl FnOnce(arrow::error::ArrowError)
 }
 
 impl ChangeTable {
-    fn new(spec: &SilverSpec, apply: &ApplyChangesSpec) -> Result<ChangeTable, TaskError> {
+    /// The table of `spec`. A column's type is its declared one, else its type in the
+    /// `existing` table, else the one the Debezium `row_schema` gives its image field; how the
+    /// field's values are read comes from `row_schema` when there is one.
+    fn new(
+        spec: &SilverSpec,
+        apply: &ApplyChangesSpec,
+        existing: Option<&Schema>,
+        row_schema: Option<&RowSchema>,
+    ) -> Result<ChangeTable, TaskError> {
         let declared = spec.columns.as_deref().unwrap_or_default();
         let mut columns = Vec::new();
         let mut image_fields = Vec::new();
+        let mut decode = Vec::new();
+        let mut unknown = Vec::new();
         for c in declared {
-            let t = c.data_type.ok_or_else(|| {
-                TaskError::Invalid(format!(
-                    "silver.{}: column `{}` needs a type",
-                    spec.name, c.name
-                ))
-            })?;
-            columns.push(Field::new(&c.name, arrow_type(t), true));
-            image_fields.push(c.from.clone().unwrap_or_else(|| c.name.clone()));
+            let image_field = c.from.clone().unwrap_or_else(|| c.name.clone());
+            let described = row_schema.and_then(|r| r.get(&image_field));
+            let stored = match (
+                c.data_type,
+                existing.and_then(|e| e.field_with_name(&c.name).ok()),
+            ) {
+                (Some(t), _) => Some(arrow_type(t)),
+                (None, Some(field)) => Some(field.data_type().clone()),
+                (None, None) => match described.map(|d| &d.column) {
+                    Some(Ok(t)) => Some(arrow_type(*t)),
+                    Some(Err(why)) => {
+                        unknown.push(format!("`{}`: {why}", c.name));
+                        None
+                    }
+                    None => {
+                        unknown.push(format!("`{}`", c.name));
+                        None
+                    }
+                },
+            };
+            let Some(stored) = stored else { continue };
+            // A reader fits only the type it produces (declared types may differ).
+            let read = described.map_or(Decode::AsIs, |d| d.decode);
+            let fits = match (read, &stored) {
+                (Decode::Timestamp(_), DataType::Timestamp(..)) => true,
+                (Decode::DecimalBytes { .. }, DataType::Decimal128(..)) => true,
+                (Decode::AsIs, _) => true,
+                _ => false,
+            };
+            decode.push(if fits { read } else { Decode::AsIs });
+            columns.push(Field::new(&c.name, stored, true));
+            image_fields.push(image_field);
+        }
+        if !unknown.is_empty() {
+            let why = if row_schema.is_some() {
+                "the Debezium schema of the changes does not give"
+            } else {
+                "no change applied so far carries a Debezium schema (the JsonConverter's schemas are off) for"
+            };
+            return Err(TaskError::Invalid(format!(
+                "silver.{}: {why} the type of {}; declare it with `type`",
+                spec.name,
+                unknown.join(", ")
+            )));
         }
         let tracked = match &apply.track_history_on {
             Some(names) => names
@@ -538,6 +612,7 @@ impl ChangeTable {
             buckets: apply.buckets.max(1),
             columns,
             image_fields,
+            decode,
             tracked,
             event_schema: Arc::new(Schema::new(event_fields)),
             table_schema: Arc::new(Schema::new(table_fields)),
@@ -642,12 +717,22 @@ impl ChangeTable {
             self.columns
                 .iter()
                 .zip(&self.image_fields)
-                .map(|(f, source)| Field::new(source, f.data_type().clone(), true))
+                .zip(&self.decode)
+                .map(|((f, source), d)| Field::new(source, d.read_type(f.data_type()), true))
                 .collect::<Vec<_>>(),
         ));
+        // Reads the fields of `schema` (a subset of the image fields, in order) and converts
+        // them to the stored types.
         let decode_as = |schema: &SchemaRef,
                          rows: &[(&RecordBatch, usize)]|
          -> Result<RecordBatch, arrow::error::ArrowError> {
+            let positions: Vec<usize> = schema
+                .fields()
+                .iter()
+                .filter_map(|f| image_schema.index_of(f.name()).ok())
+                .collect();
+            let stored: Vec<Field> = positions.iter().map(|&i| self.columns[i].clone()).collect();
+            let decode: Vec<Decode> = positions.iter().map(|&i| self.decode[i]).collect();
             let mut decoder = arrow::json::ReaderBuilder::new(schema.clone())
                 .with_batch_size(rows.len().max(1))
                 .with_coerce_primitive(true)
@@ -669,9 +754,10 @@ impl ChangeTable {
                     text = &text[read..];
                 }
             }
-            Ok(decoder
+            let read = decoder
                 .flush()?
-                .unwrap_or_else(|| RecordBatch::new_empty(schema.clone())))
+                .unwrap_or_else(|| RecordBatch::new_empty(schema.clone()));
+            row_schema::convert_batch(read, &stored, &decode)
         };
         let decode = |rows: &[(&RecordBatch, usize)]| decode_as(&image_schema, rows);
         // The first field of one row's image that does not fit its declared type.
@@ -679,11 +765,10 @@ impl ChangeTable {
             image_schema.fields().iter().find_map(|field| {
                 let one = Arc::new(Schema::new(vec![field.as_ref().clone()]));
                 decode_as(&one, &[row]).err().map(|e| {
-                    format!(
-                        "field `{}` does not fit {}: {e}",
-                        field.name(),
-                        field.data_type()
-                    )
+                    let stored = image_schema
+                        .index_of(field.name())
+                        .map_or(field.data_type(), |i| self.columns[i].data_type());
+                    format!("field `{}` does not fit {stored}: {e}", field.name())
                 })
             })
         };
@@ -1083,7 +1168,7 @@ mod tests {
         let pipeline = medallion_spec::Pipeline::parse(&yaml).expect("spec");
         let spec = pipeline.spec.silver[0].clone();
         let apply = spec.apply_changes.clone().expect("apply");
-        ChangeTable::new(&spec, &apply).expect("table")
+        ChangeTable::new(&spec, &apply, None, None).expect("table")
     }
 
     /// Bronze change rows: (op, key id, sequence, after image).

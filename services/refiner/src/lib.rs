@@ -6,6 +6,7 @@
 
 mod apply;
 mod refine;
+mod row_schema;
 pub mod transform;
 
 use medallion_lake::Lake;

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 
 use arrow::array::{ArrayRef, BooleanArray, RecordBatch};
-use arrow::compute::{cast, filter_record_batch};
+use arrow::compute::{CastOptions, cast_with_options, filter_record_batch};
 use arrow::datatypes::{Field, Schema, SchemaRef};
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
@@ -121,7 +121,14 @@ impl KeySet {
             .indices
             .iter()
             .zip(given.columns())
-            .map(|(&i, values)| cast(values, schema.field(i).data_type()))
+            .map(|(&i, values)| {
+                // Strict: a value that does not convert must not turn into a null key.
+                let options = CastOptions {
+                    safe: false,
+                    ..CastOptions::default()
+                };
+                cast_with_options(values, schema.field(i).data_type(), &options)
+            })
             .collect::<arrow::error::Result<Vec<_>>>()
             .map_err(|e| Error::BadTicket(format!("key filter values: {e}")))?;
         let rows = columns
@@ -252,6 +259,7 @@ impl ChangedKeys {
 mod tests {
     use super::*;
     use arrow::array::{Int64Array, StringArray, StringViewArray};
+    use arrow::compute::cast;
     use arrow::datatypes::DataType;
     use std::sync::Arc;
 

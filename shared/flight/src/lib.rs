@@ -39,8 +39,8 @@ pub struct TableTicket {
     pub rows_in: Option<KeyFilter>,
     /// Instead of rows: the distinct values of these columns among the rows that differ
     /// between version `since` and `version` (one batch of those columns). Refused with
-    /// `FAILED_PRECONDITION` when the versions differ in most of the table or in schema,
-    /// where reading the whole table is the cheaper way.
+    /// `FAILED_PRECONDITION` when the files the versions differ in outweigh the table, or the
+    /// schemas differ: reading the whole table is the cheaper way then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub changed_keys: Option<Vec<String>>,
 }
@@ -144,18 +144,6 @@ pub enum Error {
     Schema { what: String, detail: String },
     #[error("no healthy replica of {endpoint} answered within {waited_secs}s")]
     NoReplica { endpoint: String, waited_secs: u64 },
-}
-
-impl Error {
-    /// Whether the server refused the ticket as costlier than an alternative (a
-    /// `changed_keys` ticket over versions that differ in most of the table, say).
-    pub fn is_failed_precondition(&self) -> bool {
-        matches!(
-            self,
-            Error::Read { source: arrow_flight::error::FlightError::Tonic(status), .. }
-                if status.code() == tonic::Code::FailedPrecondition
-        )
-    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -359,8 +359,8 @@ pub struct SilverSpec {
     #[serde(default)]
     pub sql: Option<String>,
     /// Applies the change events of a `kafka-debezium` source (`from`) by key, in sequence
-    /// order, instead of refining rows; `columns` (each with a `type`) are taken from the
-    /// row images.
+    /// order, instead of refining rows; `columns` are taken from the row images, typed as
+    /// declared, else as the table or the Debezium schema of the events has them.
     #[serde(default)]
     pub apply_changes: Option<ApplyChangesSpec>,
     #[serde(default)]
@@ -399,18 +399,24 @@ pub enum ScdType {
 }
 
 /// Columns of a `kafka-debezium` source's bronze change table that describe the change.
-pub const CHANGE_COLUMNS: [&str; 10] = [
+pub const CHANGE_COLUMNS: [&str; 11] = [
     "op",
     "key",
     "sequence",
     "before",
     "after",
+    ROW_SCHEMA,
     "_topic",
     "_partition",
     "_offset",
     "_error",
     "_value",
 ];
+
+/// Column of a bronze change table holding the Debezium schema of the row images (the
+/// `fields` of the envelope's `after` struct, as JSON) when the JsonConverter sent schemas: set
+/// on a micro-batch's first such message and wherever it changes, null elsewhere.
+pub const ROW_SCHEMA: &str = "row_schema";
 
 /// Row key of an `apply_changes` table: the change's key as JSON text.
 pub const CHANGE_KEY: &str = "__key";

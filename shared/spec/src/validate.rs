@@ -940,7 +940,7 @@ fn apply_changes_columns(
     let columns = silver.columns.as_ref().ok_or_else(|| {
         SpecError::new(
             format!("{base}.columns"),
-            "`apply_changes` needs the columns to take from the row images, each with a `type`",
+            "`apply_changes` needs the columns to take from the row images",
         )
     })?;
     let mut out = BTreeSet::new();
@@ -959,12 +959,6 @@ fn apply_changes_columns(
             return Err(SpecError::new(
                 format!("{path}.expr"),
                 "`apply_changes` takes columns from the row images; compute in a further silver table",
-            ));
-        }
-        if col.data_type.is_none() {
-            return Err(SpecError::new(
-                format!("{path}.type"),
-                "`apply_changes` columns need a type",
             ));
         }
         if !out.insert(col.name.clone()) {

@@ -154,6 +154,13 @@ impl PostgresSink {
                 .transaction()
                 .await
                 .map_err(postgres(target, "BEGIN"))?;
+            // Loads of one target take turns, so the version read stays true until COMMIT.
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtext($1::text))",
+                &[&format!("medallion load {target}")],
+            )
+            .await
+            .map_err(postgres(target, "locking the target"))?;
             let loaded = loaded_version(&tx, target).await?;
             if loaded != base {
                 tracing::info!(?loaded, ?base, "the target's loaded version changed");
@@ -554,10 +561,11 @@ fn loads_table(target: &QualifiedName) -> QualifiedName {
     QualifiedName::new(target.schema.clone(), LOADS_TABLE)
 }
 
-/// The version [`record_version`] last recorded for `target`, if any.
+/// The version [`record_version`] last recorded for `target`, if any and the table still
+/// exists (a table dropped since then holds nothing).
 async fn loaded_version(tx: &Transaction<'_>, target: &QualifiedName) -> Result<Option<i64>> {
     let loads = loads_table(target);
-    if relation_oid(tx, &loads).await?.is_none() {
+    if relation_oid(tx, &loads).await?.is_none() || relation_oid(tx, target).await?.is_none() {
         return Ok(None);
     }
     let row = tx
