@@ -723,14 +723,10 @@ impl ChangeTable {
         ));
         // Reads the fields of `schema` (a subset of the image fields, in order) and converts
         // them to the stored types.
-        let decode_as = |schema: &SchemaRef,
-                         rows: &[(&RecordBatch, usize)]|
+        let decode_pass = |positions: &[usize],
+                           rows: &[(&RecordBatch, usize)]|
          -> Result<RecordBatch, arrow::error::ArrowError> {
-            let positions: Vec<usize> = schema
-                .fields()
-                .iter()
-                .filter_map(|f| image_schema.index_of(f.name()).ok())
-                .collect();
+            let schema = Arc::new(image_schema.project(positions)?);
             let stored: Vec<Field> = positions.iter().map(|&i| self.columns[i].clone()).collect();
             let decode: Vec<Decode> = positions.iter().map(|&i| self.decode[i]).collect();
             let mut decoder = arrow::json::ReaderBuilder::new(schema.clone())
@@ -759,16 +755,65 @@ impl ChangeTable {
                 .unwrap_or_else(|| RecordBatch::new_empty(schema.clone()));
             row_schema::convert_batch(read, &stored, &decode)
         };
-        let decode = |rows: &[(&RecordBatch, usize)]| decode_as(&image_schema, rows);
+        // Decodes the columns at `positions`; a JSON reader takes each field once, so columns
+        // taken from the same field are read in further passes.
+        let decode_as = |positions: &[usize],
+                         rows: &[(&RecordBatch, usize)]|
+         -> Result<RecordBatch, arrow::error::ArrowError> {
+            let mut passes: Vec<Vec<usize>> = Vec::new();
+            for &p in positions {
+                let field = &self.image_fields[p];
+                match passes
+                    .iter_mut()
+                    .find(|pass| pass.iter().all(|&q| &self.image_fields[q] != field))
+                {
+                    Some(pass) => pass.push(p),
+                    None => passes.push(vec![p]),
+                }
+            }
+            if let [only] = passes.as_slice() {
+                return decode_pass(only, rows);
+            }
+            let mut columns: BTreeMap<usize, ArrayRef> = BTreeMap::new();
+            for pass in &passes {
+                let read = decode_pass(pass, rows)?;
+                columns.extend(pass.iter().copied().zip(read.columns().iter().cloned()));
+            }
+            let fields: Vec<Field> = positions
+                .iter()
+                .map(|&p| {
+                    Field::new(
+                        &self.image_fields[p],
+                        self.columns[p].data_type().clone(),
+                        true,
+                    )
+                })
+                .collect();
+            let arrays = positions
+                .iter()
+                .map(|p| {
+                    columns.remove(p).ok_or_else(|| {
+                        arrow::error::ArrowError::JsonError("a column was not read".into())
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            RecordBatch::try_new_with_options(
+                Arc::new(Schema::new(fields)),
+                arrays,
+                &arrow::array::RecordBatchOptions::new().with_row_count(Some(rows.len())),
+            )
+        };
+        let all: Vec<usize> = (0..self.columns.len()).collect();
+        let decode = |rows: &[(&RecordBatch, usize)]| decode_as(&all, rows);
         // The first field of one row's image that does not fit its declared type.
         let field_at_fault = |row: (&RecordBatch, usize)| {
-            image_schema.fields().iter().find_map(|field| {
-                let one = Arc::new(Schema::new(vec![field.as_ref().clone()]));
-                decode_as(&one, &[row]).err().map(|e| {
-                    let stored = image_schema
-                        .index_of(field.name())
-                        .map_or(field.data_type(), |i| self.columns[i].data_type());
-                    format!("field `{}` does not fit {stored}: {e}", field.name())
+            (0..self.columns.len()).find_map(|i| {
+                decode_as(&[i], &[row]).err().map(|e| {
+                    format!(
+                        "field `{}` does not fit {}: {e}",
+                        self.image_fields[i],
+                        self.columns[i].data_type()
+                    )
                 })
             })
         };
@@ -1169,6 +1214,63 @@ mod tests {
         let spec = pipeline.spec.silver[0].clone();
         let apply = spec.apply_changes.clone().expect("apply");
         ChangeTable::new(&spec, &apply, None, None).expect("table")
+    }
+
+    #[test]
+    fn untyped_columns_take_the_row_schema_types_and_encodings() {
+        let yaml = "name: t\nsources:\n  - { name: c, format: kafka-debezium, kafka: { brokers: b, topics: [t] } }\nsilver:\n  - { name: s, from: bronze.c, apply_changes: {}, columns: [{ name: id, type: int64 }, { name: amount }, { name: seen }, { name: cents, type: \"decimal(10,3)\", from: amount } ] }\n";
+        let pipeline = medallion_spec::Pipeline::parse(yaml).expect("spec");
+        let spec = pipeline.spec.silver[0].clone();
+        let apply = spec.apply_changes.clone().expect("apply");
+        let missing = ChangeTable::new(&spec, &apply, None, None)
+            .err()
+            .expect("no types without a schema");
+        assert!(
+            missing.to_string().contains("`amount`") && missing.to_string().contains("`seen`"),
+            "{missing}"
+        );
+        let row_schema = RowSchema::parse(
+            r#"[{"type":"int64","field":"id"},
+                {"type":"bytes","name":"org.apache.kafka.connect.data.Decimal","parameters":{"scale":"2","connect.decimal.precision":"8"},"field":"amount"},
+                {"type":"int64","name":"io.debezium.time.Timestamp","field":"seen"}]"#,
+        )
+        .expect("row schema");
+        let table = ChangeTable::new(&spec, &apply, None, Some(&row_schema)).expect("table");
+        let changes = table
+            .parse_changes(&[bronze(&[(
+                "c",
+                1,
+                "01",
+                Some(r#"{"id":1,"amount":"AeJA","seen":1700000000123}"#),
+            )])])
+            .expect("parse");
+        assert_eq!(changes.dead_letters.num_rows(), 0);
+        let events = changes.events;
+        let column = |name: &str| events.column_by_name(name).expect(name);
+        assert_eq!(column("amount").data_type(), &DataType::Decimal128(8, 2));
+        assert_eq!(
+            column("amount")
+                .as_primitive::<arrow::datatypes::Decimal128Type>()
+                .value(0),
+            123_456
+        );
+        // A declared type keeps its own scale; the encoding still comes from the schema.
+        assert_eq!(
+            column("cents")
+                .as_primitive::<arrow::datatypes::Decimal128Type>()
+                .value(0),
+            1_234_560
+        );
+        assert_eq!(
+            column("seen")
+                .as_primitive::<arrow::datatypes::TimestampMicrosecondType>()
+                .value(0),
+            1_700_000_000_123_000
+        );
+        // The table as stored gives the types of later applies.
+        let stored = ChangeTable::new(&spec, &apply, Some(&table.table_schema), None)
+            .expect("types from the table");
+        assert_eq!(stored.table_schema, table.table_schema);
     }
 
     /// Bronze change rows: (op, key id, sequence, after image).
