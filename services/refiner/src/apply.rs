@@ -125,6 +125,7 @@ pub async fn run(
     // one (it tells how values are encoded), else from the declared and existing types; rows
     // wait unparsed while neither gives every column a type.
     let mut table: Option<ChangeTable> = None;
+    let mut held = HeldEvents::default();
     loop {
         let next = tokio::select! {
             next = stream.next_batch() => next?,
@@ -147,6 +148,7 @@ pub async fn run(
         {
             parsed.push(parse_chunk(table, std::mem::take(&mut pending)).await?);
             pending_rows = 0;
+            held.compact_if_due(table, &mut parsed).await?;
         }
     }
     progress.report(&phase, rows, bytes, true);
@@ -298,6 +300,52 @@ pub async fn run(
 
 /// Change rows parsed at a time.
 const PARSE_CHUNK_ROWS: usize = 64 * 1024;
+
+/// Events held before an SCD1 table first keeps only each key's newest.
+const COMPACT_EVENTS: usize = 4 * PARSE_CHUNK_ROWS;
+
+/// The parsed events an apply holds until its merge. For SCD1 only each key's newest event
+/// decides the key's row (a truncate deletes what is older than it, and only the newest
+/// truncate can), so a backlog of many changes to the same keys is cut down to one event per
+/// key whenever the held events double: memory follows the keys changed, not the changes.
+#[derive(Default)]
+struct HeldEvents {
+    /// Events held after the last compaction.
+    after_compaction: usize,
+}
+
+impl HeldEvents {
+    async fn compact_if_due(
+        &mut self,
+        table: &ChangeTable,
+        parsed: &mut Vec<Changes>,
+    ) -> Result<(), TaskError> {
+        if table.scd != ScdType::Scd1 {
+            return Ok(());
+        }
+        let held: usize = parsed.iter().map(|c| c.events.num_rows()).sum();
+        if held < COMPACT_EVENTS.max(2 * self.after_compaction) {
+            return Ok(());
+        }
+        let table = table.clone();
+        let parts = std::mem::take(parsed);
+        let compacted = tokio::task::spawn_blocking(move || {
+            let mut all = table.combine(parts)?;
+            all.events = table.newest_per_key(&all.events)?;
+            Ok::<_, TaskError>(all)
+        })
+        .await
+        .map_err(TaskError::internal)??;
+        self.after_compaction = compacted.events.num_rows();
+        tracing::debug!(
+            held,
+            kept = self.after_compaction,
+            "kept the newest change per key"
+        );
+        parsed.push(compacted);
+        Ok(())
+    }
+}
 
 /// Parses one chunk of change rows off the async threads.
 async fn parse_chunk(table: &ChangeTable, batches: Vec<RecordBatch>) -> Result<Changes, TaskError> {
@@ -704,6 +752,43 @@ impl ChangeTable {
             dead_letters: concat_batches(&dead_letter_schema(), &dead_letters)
                 .map_err(arrow_error(&self.name, "collecting dead letters"))?,
         })
+    }
+
+    /// The newest event of each key in `events`, by (sequence, offset) as the merge orders them.
+    fn newest_per_key(&self, events: &RecordBatch) -> Result<RecordBatch, TaskError> {
+        let order = lexsort_to_indices(
+            &[CHANGE_KEY, EVENT_SEQUENCE, EVENT_OFFSET]
+                .iter()
+                .map(|name| {
+                    Ok(SortColumn {
+                        values: column(events, name)?.clone(),
+                        options: None,
+                    })
+                })
+                .collect::<Result<Vec<_>, TaskError>>()?,
+            None,
+        )
+        .map_err(arrow_error(&self.name, "ordering changes"))?;
+        let keys = strings(events, CHANGE_KEY)?;
+        let sorted = order.values();
+        let newest: UInt32Array = sorted
+            .iter()
+            .enumerate()
+            .filter(|&(i, &row)| {
+                sorted
+                    .get(i + 1)
+                    .is_none_or(|&next| keys.value(next as usize) != keys.value(row as usize))
+            })
+            .map(|(_, &row)| row)
+            .collect();
+        let columns = events
+            .columns()
+            .iter()
+            .map(|c| take(c, &newest, None))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(arrow_error(&self.name, "keeping the newest changes"))?;
+        RecordBatch::try_new(events.schema(), columns)
+            .map_err(arrow_error(&self.name, "keeping the newest changes"))
     }
 
     /// Decodes the `after` images of `rows` into the declared columns. Rows whose image does not
@@ -1382,6 +1467,35 @@ mod tests {
             end.map(str::to_string),
             seq.into(),
         )
+    }
+
+    #[test]
+    fn keeping_the_newest_change_per_key_merges_to_the_same_rows() {
+        let t = table("scd1", "");
+        // Creates, updates out of order, equal sequences, deletes and re-creates of 40 keys.
+        let mut changes = Vec::new();
+        for i in 0..400u32 {
+            let id = i64::from(i * 7 % 40);
+            let seq = format!("{:04}", (i * 13) % 397);
+            let op = ["c", "u", "u", "d", "u"][(i % 5) as usize];
+            let image = (op != "d").then(|| format!(r#"{{"id":{id},"v":"v{i}","x":{i}}}"#));
+            changes.push((op, id, seq, image));
+        }
+        let rows_in: Vec<(&str, i64, &str, Option<&str>)> = changes
+            .iter()
+            .map(|(op, id, seq, image)| (*op, *id, seq.as_str(), image.as_deref()))
+            .collect();
+        let parsed = t.parse_changes(&[bronze(&rows_in)]).expect("parse");
+        let newest = t.newest_per_key(&parsed.events).expect("newest");
+        assert_eq!(newest.num_rows(), 40);
+        let touched: BTreeSet<u32> = (0..t.buckets).collect();
+        let all = t
+            .merge(Vec::new(), parsed.events, BTreeSet::new(), &touched)
+            .expect("merge all");
+        let kept = t
+            .merge(Vec::new(), newest, BTreeSet::new(), &touched)
+            .expect("merge newest");
+        assert_eq!(rows(&all), rows(&kept));
     }
 
     #[test]
