@@ -376,14 +376,14 @@ mod tests {
               {"type":"int32","optional":true,"name":"io.debezium.time.Date","field":"signup"}],"optional":true,"field":"after"},
             {"type":"string","optional":false,"field":"op"}],"optional":false,"name":"shop.Envelope"}"#;
         let wrapped = format!(r#"{{"schema":{schema},"payload":{PG_UPDATE}}}"#);
-        let c = change(Some("1"), &wrapped, &Options::default()).unwrap();
+        let c = change(Some("1"), &wrapped, &Options::default()).expect("change");
         let fields = row_fields(c.schema.expect("schema kept")).expect("row fields");
-        let fields: Value = serde_json::from_str(&fields).unwrap();
+        let fields: Value = serde_json::from_str(&fields).expect("JSON");
         assert_eq!(fields[1]["name"], "io.debezium.time.Date");
         assert_eq!(fields.as_array().map(Vec::len), Some(2));
         assert_eq!(row_fields(r#"{"type":"struct"}"#), None);
         // Schemas off: no schema.
-        let off = change(Some("1"), PG_UPDATE, &Options::default()).unwrap();
+        let off = change(Some("1"), PG_UPDATE, &Options::default()).expect("change");
         assert_eq!(off.schema, None);
     }
 

@@ -610,12 +610,12 @@ impl ChangeTable {
             let Some(stored) = stored else { continue };
             // A reader fits only the type it produces (declared types may differ).
             let read = described.map_or(Decode::AsIs, |d| d.decode);
-            let fits = match (read, &stored) {
-                (Decode::Timestamp(_), DataType::Timestamp(..)) => true,
-                (Decode::DecimalBytes { .. }, DataType::Decimal128(..)) => true,
-                (Decode::AsIs, _) => true,
-                _ => false,
-            };
+            let fits = matches!(
+                (read, &stored),
+                (Decode::Timestamp(_), DataType::Timestamp(..))
+                    | (Decode::DecimalBytes { .. }, DataType::Decimal128(..))
+                    | (Decode::AsIs, _)
+            );
             decode.push(if fits { read } else { Decode::AsIs });
             columns.push(Field::new(&c.name, stored, true));
             image_fields.push(image_field);

@@ -158,6 +158,9 @@ impl KeySet {
     }
 }
 
+/// A row (or a row's key) in arrow's row format.
+type EncodedRow = Box<[u8]>;
+
 /// Finds the groups (distinct values of some key columns) of the rows that differ between two
 /// versions of a table: rows only in the older files or only in the newer ones, compared
 /// whole, so rows a rewrite carried over unchanged touch nothing.
@@ -166,8 +169,8 @@ pub(crate) struct ChangedKeys {
     keys: KeyColumns,
     key_schema: SchemaRef,
     /// Rows of the older files not yet matched by a newer row: count and the row's key.
-    older: HashMap<Box<[u8]>, (u64, Box<[u8]>)>,
-    changed: HashSet<Box<[u8]>>,
+    older: HashMap<EncodedRow, (u64, EncodedRow)>,
+    changed: HashSet<EncodedRow>,
 }
 
 impl ChangedKeys {
