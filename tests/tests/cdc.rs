@@ -647,15 +647,7 @@ fn by_signup(
 /// upsert and delete files, and the version those changes apply to (`None` if it has none,
 /// i.e. the table was recomputed whole).
 async fn gold_changes(cluster: &Cluster, table: &str) -> (i64, Option<(usize, usize, i64)>) {
-    let snapshot = medallion_lake::Lake::open(
-        &cluster.lake_dir().display().to_string(),
-        Default::default(),
-    )
-    .expect("lake")
-    .snapshot(medallion_lake::Layer::Gold, table, None)
-    .await
-    .expect("snapshot")
-    .expect("table exists");
+    let snapshot = snapshot(cluster, medallion_lake::Layer::Gold, table).await;
     let rows = |kind: &str| -> usize {
         snapshot
             .hidden
@@ -675,20 +667,29 @@ async fn gold_changes(cluster: &Cluster, table: &str) -> (i64, Option<(usize, us
     )
 }
 
+/// The current version of a table, read straight from the lake.
+async fn snapshot(
+    cluster: &Cluster,
+    layer: medallion_lake::Layer,
+    table: &str,
+) -> medallion_lake::TableSnapshot {
+    medallion_lake::Lake::open(
+        &cluster.lake_dir().display().to_string(),
+        Default::default(),
+    )
+    .expect("lake")
+    .snapshot(layer, table, None)
+    .await
+    .expect("snapshot")
+    .expect("table exists")
+}
+
 /// Files of a silver table: path -> (bucket, hidden).
 async fn silver_files(
     cluster: &Cluster,
     table: &str,
 ) -> std::collections::BTreeMap<String, String> {
-    let snapshot = medallion_lake::Lake::open(
-        &cluster.lake_dir().display().to_string(),
-        Default::default(),
-    )
-    .expect("lake")
-    .snapshot(medallion_lake::Layer::Silver, table, None)
-    .await
-    .expect("snapshot")
-    .expect("table exists");
+    let snapshot = snapshot(cluster, medallion_lake::Layer::Silver, table).await;
     snapshot
         .files
         .iter()

@@ -41,6 +41,18 @@ pub struct LoadReport {
     pub deleted: u64,
 }
 
+impl LoadReport {
+    fn log(&self, what: &str) {
+        tracing::info!(
+            rows = self.rows,
+            inserted = self.inserted,
+            updated = self.updated,
+            deleted = self.deleted,
+            "{what}"
+        );
+    }
+}
+
 /// A connection to the warehouse that loads Arrow tables.
 #[derive(Debug)]
 pub struct PostgresSink {
@@ -100,13 +112,7 @@ impl PostgresSink {
         );
         async move {
             let report = self.load_inner(target, schema, batches, mode).await?;
-            tracing::info!(
-                rows = report.rows,
-                inserted = report.inserted,
-                updated = report.updated,
-                deleted = report.deleted,
-                "load committed"
-            );
+            report.log("load committed");
             Ok(report)
         }
         .instrument(span)
@@ -167,12 +173,7 @@ impl PostgresSink {
                 return Ok(None);
             }
             ensure_table(&tx, target, &columns, &keys).await?;
-            tx.batch_execute(&format!(
-                "CREATE TEMP TABLE {STAGING} (LIKE {target} INCLUDING DEFAULTS) ON COMMIT DROP"
-            ))
-            .await
-            .map_err(postgres(target, "creating the staging table"))?;
-            let rows = copy_into(&tx, target, STAGING, schema, &columns, upserts).await?;
+            let rows = stage(&tx, target, schema, &columns, upserts).await?;
             let (inserted, updated) = merge(&tx, target, &columns, &keys).await?;
             let mut report = LoadReport {
                 rows,
@@ -185,13 +186,7 @@ impl PostgresSink {
             }
             record_version(&tx, target, version).await?;
             tx.commit().await.map_err(postgres(target, "COMMIT"))?;
-            tracing::info!(
-                rows = report.rows,
-                inserted = report.inserted,
-                updated = report.updated,
-                deleted = report.deleted,
-                "changes loaded"
-            );
+            report.log("changes loaded");
             Ok(Some(report))
         }
         .instrument(span)
@@ -222,13 +217,7 @@ impl PostgresSink {
             .await
             .map_err(postgres(target, "BEGIN"))?;
         ensure_table(&tx, target, &columns, &keys).await?;
-
-        tx.batch_execute(&format!(
-            "CREATE TEMP TABLE {STAGING} (LIKE {target} INCLUDING DEFAULTS) ON COMMIT DROP"
-        ))
-        .await
-        .map_err(postgres(target, "creating the staging table"))?;
-        let rows = copy_into(&tx, target, STAGING, schema, &columns, batches).await?;
+        let rows = stage(&tx, target, schema, &columns, batches).await?;
 
         let column_list = join(columns.iter().map(|c| quote_ident(&c.name)));
         let mut report = LoadReport {
@@ -478,6 +467,26 @@ async fn check_columns(
 }
 
 /// Streams the batches into the staging table with binary COPY; returns the rows copied.
+/// Creates the staging table (dropped at COMMIT) and copies `batches` into it.
+async fn stage<S, E>(
+    tx: &Transaction<'_>,
+    target: &QualifiedName,
+    schema: &SchemaRef,
+    columns: &[PgColumn],
+    batches: S,
+) -> Result<u64>
+where
+    S: Stream<Item = Result<RecordBatch, E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    tx.batch_execute(&format!(
+        "CREATE TEMP TABLE {STAGING} (LIKE {target} INCLUDING DEFAULTS) ON COMMIT DROP"
+    ))
+    .await
+    .map_err(postgres(target, "creating the staging table"))?;
+    copy_into(tx, target, STAGING, schema, columns, batches).await
+}
+
 /// Copies `batches` into the temporary table `into` (holding `columns` of `target`).
 async fn copy_into<S, E>(
     tx: &Transaction<'_>,
