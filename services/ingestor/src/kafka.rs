@@ -235,6 +235,11 @@ pub async fn run(
         .snapshot(Layer::Bronze, name, None)
         .await
         .map_err(TaskError::internal)?;
+    // A change table made before `row_schema` existed goes on without it (until a full
+    // refresh rewrites it): appends must keep its schema.
+    let legacy = current
+        .as_ref()
+        .is_some_and(|s| s.schema.field_with_name(ROW_SCHEMA).is_err());
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", &kafka.brokers)
@@ -356,7 +361,7 @@ pub async fn run(
         let full = batch.rows >= kafka.max_batch_rows;
         if (done || full) && !batch.last.is_empty() {
             let rows = batch.rows as u64;
-            let outcome = commit(lake, task, name, &mut batch, overwrite).await?;
+            let outcome = commit(lake, task, name, &mut batch, overwrite, legacy).await?;
             overwrite = false;
             total += rows;
             commits += 1;
@@ -445,8 +450,15 @@ async fn commit(
     name: &str,
     batch: &mut BatchBuilder,
     overwrite: bool,
+    legacy: bool,
 ) -> Result<CommitOutcome, TaskError> {
-    let rows = batch.finish(chrono::Utc::now().timestamp_micros(), &task.run_id)?;
+    let mut rows = batch.finish(chrono::Utc::now().timestamp_micros(), &task.run_id)?;
+    if legacy && !overwrite {
+        let keep: Vec<usize> = (0..rows.num_columns())
+            .filter(|&i| rows.schema().field(i).name() != ROW_SCHEMA)
+            .collect();
+        rows = rows.project(&keep).map_err(TaskError::internal)?;
+    }
     let txns: Vec<(String, i64)> = std::mem::take(&mut batch.last)
         .into_iter()
         .flat_map(|(topic, partitions)| {
@@ -456,7 +468,7 @@ async fn commit(
         })
         .collect();
     let mut writer = lake
-        .writer(Layer::Bronze, name, change_schema())
+        .writer(Layer::Bronze, name, rows.schema())
         .await
         .map_err(TaskError::internal)?;
     if rows.num_rows() > 0 {

@@ -125,6 +125,7 @@ pub async fn run(
     // one (it tells how values are encoded), else from the declared and existing types; rows
     // wait unparsed while neither gives every column a type.
     let mut table: Option<ChangeTable> = None;
+    let mut last_schema: Option<String> = None;
     let mut held = HeldEvents::default();
     loop {
         let next = tokio::select! {
@@ -136,12 +137,20 @@ pub async fn run(
         bytes += medallion_flight::batch_bytes(&batch);
         progress.report(&phase, rows, bytes, false);
         pending_rows += batch.num_rows();
+        // The newest row schema seen decides how the rows parsed next are read.
+        let found = row_schema::find_last(&batch).map(str::to_string);
         pending.push(batch);
-        if table.is_none() {
-            table = match row_schema::find(&pending) {
-                Some(found) => Some(table_of(Some(found))?),
-                None => table_of(None).ok(),
+        if let Some(text) = found.filter(|t| last_schema.as_deref() != Some(t)) {
+            let parsed_schema = RowSchema::parse(&text)
+                .map_err(|e| TaskError::Invalid(format!("silver.{name}: {e}")))?;
+            table = match table {
+                Some(t) => Some(t.decoding(&parsed_schema)),
+                None => Some(table_of(Some(&text))?),
             };
+            last_schema = Some(text);
+        }
+        if table.is_none() {
+            table = table_of(None).ok();
         }
         if let Some(table) = &table
             && pending_rows >= PARSE_CHUNK_ROWS
@@ -501,6 +510,19 @@ impl Merged {
     }
 }
 
+/// How a field described by a row schema is read into a column stored as `stored`: as the
+/// schema says when that produces the stored type (declared types may differ), else as is.
+fn decode_for(stored: &DataType, described: Option<&row_schema::FieldType>) -> Decode {
+    let read = described.map_or(Decode::AsIs, |d| d.decode);
+    let fits = matches!(
+        (read, stored),
+        (Decode::Timestamp(_), DataType::Timestamp(..))
+            | (Decode::DecimalBytes { .. }, DataType::Decimal128(..))
+            | (Decode::AsIs, _)
+    );
+    if fits { read } else { Decode::AsIs }
+}
+
 fn arrow_type(t: ColumnType) -> DataType {
     match t {
         ColumnType::String => DataType::Utf8,
@@ -608,15 +630,7 @@ impl ChangeTable {
                 },
             };
             let Some(stored) = stored else { continue };
-            // A reader fits only the type it produces (declared types may differ).
-            let read = described.map_or(Decode::AsIs, |d| d.decode);
-            let fits = matches!(
-                (read, &stored),
-                (Decode::Timestamp(_), DataType::Timestamp(..))
-                    | (Decode::DecimalBytes { .. }, DataType::Decimal128(..))
-                    | (Decode::AsIs, _)
-            );
-            decode.push(if fits { read } else { Decode::AsIs });
+            decode.push(decode_for(&stored, described));
             columns.push(Field::new(&c.name, stored, true));
             image_fields.push(image_field);
         }
@@ -624,7 +638,7 @@ impl ChangeTable {
             let why = if row_schema.is_some() {
                 "the Debezium schema of the changes does not give"
             } else {
-                "no change applied so far carries a Debezium schema (the JsonConverter's schemas are off) for"
+                "no change read so far carries a Debezium schema (none has arrived yet, or the JsonConverter's schemas are off) to give"
             };
             return Err(TaskError::Invalid(format!(
                 "silver.{}: {why} the type of {}; declare it with `type`",
@@ -754,6 +768,19 @@ impl ChangeTable {
         })
     }
 
+    /// The same table, its fields read as `row_schema` says they are encoded (a later schema
+    /// of the same source; the column types stay).
+    fn decoding(&self, row_schema: &RowSchema) -> ChangeTable {
+        let mut table = self.clone();
+        table.decode = self
+            .columns
+            .iter()
+            .zip(&self.image_fields)
+            .map(|(column, field)| decode_for(column.data_type(), row_schema.get(field)))
+            .collect();
+        table
+    }
+
     /// The newest event of each key in `events`, by (sequence, offset) as the merge orders them.
     fn newest_per_key(&self, events: &RecordBatch) -> Result<RecordBatch, TaskError> {
         let order = lexsort_to_indices(
@@ -798,25 +825,39 @@ impl ChangeTable {
         rows: &[(&'a RecordBatch, usize)],
         dead: &mut DeadLetters,
     ) -> Result<(RecordBatch, Vec<(&'a RecordBatch, usize)>), TaskError> {
-        let image_schema = Arc::new(Schema::new(
-            self.columns
-                .iter()
-                .zip(&self.image_fields)
-                .zip(&self.decode)
-                .map(|((f, source), d)| Field::new(source, d.read_type(f.data_type()), true))
-                .collect::<Vec<_>>(),
-        ));
-        // Reads the fields of `schema` (a subset of the image fields, in order) and converts
-        // them to the stored types.
+        // Reads the image fields of the columns at `positions` and converts them to the
+        // stored types.
+        // `plain` reads every field as its stored type, numbers coerced to text where text is
+        // wanted; otherwise decimal bytes are read as JSON strings only (a number coerced to
+        // text could pass for base64).
         let decode_pass = |positions: &[usize],
-                           rows: &[(&RecordBatch, usize)]|
+                           rows: &[(&RecordBatch, usize)],
+                           plain: bool|
          -> Result<RecordBatch, arrow::error::ArrowError> {
-            let schema = Arc::new(image_schema.project(positions)?);
             let stored: Vec<Field> = positions.iter().map(|&i| self.columns[i].clone()).collect();
-            let decode: Vec<Decode> = positions.iter().map(|&i| self.decode[i]).collect();
+            let decode: Vec<Decode> = positions
+                .iter()
+                .map(|&i| if plain { Decode::AsIs } else { self.decode[i] })
+                .collect();
+            let schema = Arc::new(Schema::new(
+                positions
+                    .iter()
+                    .zip(&decode)
+                    .map(|(&i, d)| {
+                        Field::new(
+                            &self.image_fields[i],
+                            d.read_type(self.columns[i].data_type()),
+                            true,
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+            ));
+            let bytes = decode
+                .iter()
+                .any(|d| matches!(d, Decode::DecimalBytes { .. }));
             let mut decoder = arrow::json::ReaderBuilder::new(schema.clone())
                 .with_batch_size(rows.len().max(1))
-                .with_coerce_primitive(true)
+                .with_coerce_primitive(!bytes)
                 .build_decoder()?;
             for (batch, row) in rows {
                 // Checked by the caller: the column exists and the value is set.
@@ -845,23 +886,36 @@ impl ChangeTable {
         let decode_as = |positions: &[usize],
                          rows: &[(&RecordBatch, usize)]|
          -> Result<RecordBatch, arrow::error::ArrowError> {
+            // Decimal bytes get passes of their own (read without coercion); if their values
+            // turn out to be numbers (the converter's `decimal.format=NUMERIC`), they are read
+            // as plain decimals.
+            let is_bytes = |p: usize| matches!(self.decode[p], Decode::DecimalBytes { .. });
             let mut passes: Vec<Vec<usize>> = Vec::new();
             for &p in positions {
                 let field = &self.image_fields[p];
-                match passes
-                    .iter_mut()
-                    .find(|pass| pass.iter().all(|&q| &self.image_fields[q] != field))
-                {
+                let pass = if is_bytes(p) {
+                    None
+                } else {
+                    passes.iter_mut().find(|pass| {
+                        pass.iter()
+                            .all(|&q| &self.image_fields[q] != field && !is_bytes(q))
+                    })
+                };
+                match pass {
                     Some(pass) => pass.push(p),
                     None => passes.push(vec![p]),
                 }
             }
+            let read_pass = |pass: &[usize]| match decode_pass(pass, rows, false) {
+                Err(_) if pass.iter().all(|&p| is_bytes(p)) => decode_pass(pass, rows, true),
+                read => read,
+            };
             if let [only] = passes.as_slice() {
-                return decode_pass(only, rows);
+                return read_pass(only);
             }
             let mut columns: BTreeMap<usize, ArrayRef> = BTreeMap::new();
             for pass in &passes {
-                let read = decode_pass(pass, rows)?;
+                let read = read_pass(pass)?;
                 columns.extend(pass.iter().copied().zip(read.columns().iter().cloned()));
             }
             let fields: Vec<Field> = positions
@@ -1352,6 +1406,50 @@ mod tests {
                 .value(0),
             1_700_000_000_123_000
         );
+        // Decimals sent as JSON numbers (the converter's decimal.format=NUMERIC) are read as
+        // numbers, not taken for base64.
+        let numeric = table
+            .parse_changes(&[bronze(&[(
+                "c",
+                2,
+                "02",
+                Some(r#"{"id":2,"amount":1234,"seen":1}"#),
+            )])])
+            .expect("parse");
+        assert_eq!(numeric.dead_letters.num_rows(), 0);
+        assert_eq!(
+            numeric
+                .events
+                .column_by_name("amount")
+                .expect("amount")
+                .as_primitive::<arrow::datatypes::Decimal128Type>()
+                .value(0),
+            123_400
+        );
+        // A later schema of the source changes how values are read, not the column types.
+        let micros = RowSchema::parse(
+            r#"[{"type":"int64","name":"io.debezium.time.MicroTimestamp","field":"seen"}]"#,
+        )
+        .expect("row schema");
+        let later = table.decoding(&micros);
+        let events = later
+            .parse_changes(&[bronze(&[(
+                "c",
+                3,
+                "03",
+                Some(r#"{"id":3,"amount":"1.00","seen":1700000000123456}"#),
+            )])])
+            .expect("parse")
+            .events;
+        assert_eq!(
+            events
+                .column_by_name("seen")
+                .expect("seen")
+                .as_primitive::<arrow::datatypes::TimestampMicrosecondType>()
+                .value(0),
+            1_700_000_000_123_456
+        );
+        assert_eq!(later.table_schema, table.table_schema);
         // The table as stored gives the types of later applies.
         let stored = ChangeTable::new(&spec, &apply, Some(&table.table_schema), None)
             .expect("types from the table");

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, Decimal128Array, RecordBatch, StringArray};
-use arrow::compute::cast;
+use arrow::compute::{CastOptions, cast_with_options};
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use arrow::error::ArrowError;
 use base64::Engine as _;
@@ -44,7 +44,7 @@ impl Decode {
     ) -> Result<ArrayRef, ArrowError> {
         match self {
             Decode::AsIs => Ok(read.clone()),
-            Decode::Timestamp(_) => cast(read, stored),
+            Decode::Timestamp(_) => strict_cast(read, stored),
             Decode::DecimalBytes { scale } => {
                 let text = read
                     .as_any()
@@ -56,10 +56,19 @@ impl Decode {
                     .collect::<Result<Vec<Option<i128>>, _>>()?;
                 let decimals: ArrayRef =
                     Arc::new(Decimal128Array::from(unscaled).with_precision_and_scale(38, scale)?);
-                cast(&decimals, stored)
+                strict_cast(&decimals, stored)
             }
         }
     }
+}
+
+/// A cast that fails where a value does not fit (a safe cast would make it null).
+fn strict_cast(array: &ArrayRef, to: &DataType) -> Result<ArrayRef, ArrowError> {
+    let options = CastOptions {
+        safe: false,
+        ..CastOptions::default()
+    };
+    cast_with_options(array, to, &options)
 }
 
 /// The unscaled value of a Debezium precise decimal: base64 of a big-endian two's-complement
@@ -116,33 +125,31 @@ impl RowSchema {
     }
 }
 
-/// The first row schema among change rows (their `row_schema` column), if any.
-pub(crate) fn find(batches: &[RecordBatch]) -> Option<&str> {
-    batches.iter().find_map(|b| {
-        let column = b
-            .column_by_name(medallion_spec::ROW_SCHEMA)?
-            .as_any()
-            .downcast_ref::<StringArray>()?;
-        (0..column.len())
-            .find(|&i| column.is_valid(i))
-            .map(|i| column.value(i))
-    })
+/// The last row schema among change rows (their `row_schema` column), if any.
+pub(crate) fn find_last(batch: &RecordBatch) -> Option<&str> {
+    let column = batch
+        .column_by_name(medallion_spec::ROW_SCHEMA)?
+        .as_any()
+        .downcast_ref::<StringArray>()?;
+    (0..column.len())
+        .rev()
+        .find(|&i| column.is_valid(i))
+        .map(|i| column.value(i))
 }
 
 /// Maps one Connect field schema (`type`, logical `name`, `parameters`).
 fn field_type(field: &Value) -> FieldType {
     let kind = field.get("type").and_then(Value::as_str).unwrap_or("");
     let logical = field.get("name").and_then(Value::as_str).unwrap_or("");
+    // Some(Err) for a parameter that is there but not a small non-negative number.
     let parameter = |name: &str| {
-        field
-            .get("parameters")
-            .and_then(|p| p.get(name))
-            .and_then(|v| {
-                v.as_str()
-                    .map(str::to_string)
-                    .or_else(|| Some(v.to_string()))
-            })
-            .and_then(|v| v.parse::<u8>().ok())
+        field.get("parameters").and_then(|p| p.get(name)).map(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string())
+                .parse::<u8>()
+                .map_err(|_| format!("decimal {name} `{v}` is not a number from 0 to 255"))
+        })
     };
     let plain = |t: ColumnType| FieldType {
         column: Ok(t),
@@ -172,9 +179,14 @@ fn field_type(field: &Value) -> FieldType {
         ("string", "io.debezium.time.ZonedTimestamp") => plain(ColumnType::Timestamp),
         ("string", _) => plain(ColumnType::String),
         ("bytes", "org.apache.kafka.connect.data.Decimal") => {
-            let scale = parameter("scale").unwrap_or(0);
-            // Connectors give the column's precision when they know it; 38 holds any.
-            let precision = parameter("connect.decimal.precision").unwrap_or(38).clamp(1, 38);
+            let (scale, precision) = match (
+                parameter("scale").unwrap_or(Ok(0)),
+                // Connectors give the column's precision when they know it; 38 holds any.
+                parameter("connect.decimal.precision").unwrap_or(Ok(38)),
+            ) {
+                (Ok(scale), Ok(precision)) => (scale, precision.clamp(1, 38)),
+                (Err(why), _) | (_, Err(why)) => return refused(why),
+            };
             if scale > precision {
                 return refused(format!("decimal scale {scale} above precision {precision}"));
             }
@@ -254,6 +266,18 @@ mod tests {
             })
         );
         assert!(column("odd").is_err_and(|e| e.contains("decimal.handling.mode")));
+        let negative = RowSchema::parse(
+            r#"[{"type":"bytes","name":"org.apache.kafka.connect.data.Decimal","parameters":{"scale":"-2"},"field":"d"}]"#,
+        )
+        .expect("schema");
+        assert!(
+            negative
+                .get("d")
+                .expect("d")
+                .column
+                .clone()
+                .is_err_and(|e| e.contains("scale"))
+        );
         assert_eq!(column("name"), Ok(ColumnType::String));
         assert!(schema.get("missing").is_none());
     }
