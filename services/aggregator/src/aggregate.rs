@@ -278,25 +278,16 @@ impl Aggregator {
         }
         let (rows, deletes) = match touched_changes(spec, snapshot, keys) {
             Some((base, upserts, deletes)) if loaded == Some(base) => {
-                let mut deleted = Vec::new();
-                for file in deletes {
-                    for batch in self.read_gold(snapshot, &file).await? {
-                        deleted.push(touched::project(&batch, keys)?);
-                    }
-                }
-                (upserts, deleted)
+                (upserts, self.gold_keys(snapshot, &deletes, keys).await?)
             }
             _ => {
                 let vanished = match loaded {
                     Some(version) => self.vanished_keys(spec, version, snapshot, keys).await?,
-                    None => Vec::new(),
+                    None => self.gold_keys(snapshot, &[], keys).await?,
                 };
                 (snapshot.files.clone(), vanished)
             }
         };
-        let key_schema = touched::project(&RecordBatch::new_empty(snapshot.schema.clone()), keys)?;
-        let deletes = arrow::compute::concat_batches(&key_schema.schema(), &deletes)
-            .map_err(TaskError::internal)?;
         let lake = self.lake.clone();
         let reader_snapshot = snapshot.clone();
         let batches = futures::stream::iter(rows)
@@ -329,7 +320,7 @@ impl Aggregator {
         version: i64,
         snapshot: &TableSnapshot,
         keys: &[String],
-    ) -> Result<Vec<RecordBatch>, TaskError> {
+    ) -> Result<RecordBatch, TaskError> {
         let old = match self
             .lake
             .snapshot(Layer::Gold, &spec.name, Some(version))
@@ -338,27 +329,34 @@ impl Aggregator {
             Ok(Some(old)) => old,
             other => {
                 tracing::warn!(table = %spec.name, version, error = ?other.err(), "the loaded version is gone; no rows are deleted");
-                return Ok(Vec::new());
+                return self.gold_keys(snapshot, &[], keys).await;
             }
         };
-        let mut current = Vec::new();
-        for file in &snapshot.files {
-            for batch in self.read_gold(snapshot, file).await? {
-                current.push(touched::project(&batch, keys)?);
+        let current = self.gold_keys(snapshot, &snapshot.files, keys).await?;
+        let before = self.gold_keys(&old, &old.files, keys).await?;
+        let now = KeySet::of_keys(&current, keys, &before.schema()).map_err(TaskError::internal)?;
+        now.filter_out(&before).map_err(TaskError::internal)
+    }
+
+    /// The `keys` columns (in that order) of some files of a gold version, as one batch.
+    async fn gold_keys(
+        &self,
+        snapshot: &TableSnapshot,
+        files: &[DataFile],
+        keys: &[String],
+    ) -> Result<RecordBatch, TaskError> {
+        let mut batches = Vec::new();
+        for file in files {
+            let mut stream = self.lake.read_file_columns(snapshot, file, 64 * 1024, keys);
+            while let Some(batch) = stream.next().await {
+                batches.push(touched::project(
+                    &batch.map_err(TaskError::internal)?,
+                    keys,
+                )?);
             }
         }
-        let key_schema = touched::project(&RecordBatch::new_empty(snapshot.schema.clone()), keys)?;
-        let current = arrow::compute::concat_batches(&key_schema.schema(), &current)
-            .map_err(TaskError::internal)?;
-        let now = KeySet::of_keys(&current, keys, &old.schema).map_err(TaskError::internal)?;
-        let mut vanished = Vec::new();
-        for file in &old.files {
-            for batch in self.read_gold(&old, file).await? {
-                let gone = now.filter_out(&batch).map_err(TaskError::internal)?;
-                vanished.push(touched::project(&gone, keys)?);
-            }
-        }
-        Ok(vanished)
+        let empty = touched::project(&RecordBatch::new_empty(snapshot.schema.clone()), keys)?;
+        arrow::compute::concat_batches(&empty.schema(), &batches).map_err(TaskError::internal)
     }
 }
 

@@ -231,7 +231,7 @@ impl Aggregator {
     }
 
     /// Every batch of one gold data file.
-    pub(crate) async fn read_gold(
+    async fn read_gold(
         &self,
         snapshot: &TableSnapshot,
         file: &DataFile,

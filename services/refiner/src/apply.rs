@@ -389,15 +389,7 @@ async fn without_recorded(
         return Ok(dead_letters);
     }
     let position = |batch: &RecordBatch| -> Result<Vec<(String, i32, i64)>, TaskError> {
-        let topics = strings(batch, "_topic")?;
-        let partitions = column(batch, "_partition")?
-            .as_any()
-            .downcast_ref::<arrow::array::Int32Array>()
-            .ok_or_else(|| TaskError::internal("`_partition` is not int32"))?;
-        let offsets = column(batch, "_offset")?
-            .as_any()
-            .downcast_ref::<arrow::array::Int64Array>()
-            .ok_or_else(|| TaskError::internal("`_offset` is not int64"))?;
+        let (topics, partitions, offsets) = origin(batch)?;
         Ok((0..batch.num_rows())
             .map(|i| {
                 (
@@ -579,6 +571,28 @@ fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, TaskEr
     batch
         .column_by_name(name)
         .ok_or_else(|| TaskError::internal(format!("change batch has no `{name}` column")))
+}
+
+/// The Kafka topic, partition and offset columns a change row came from.
+fn origin(
+    batch: &RecordBatch,
+) -> Result<
+    (
+        &StringArray,
+        &arrow::array::Int32Array,
+        &arrow::array::Int64Array,
+    ),
+    TaskError,
+> {
+    let partitions = column(batch, "_partition")?
+        .as_any()
+        .downcast_ref::<arrow::array::Int32Array>()
+        .ok_or_else(|| TaskError::internal("`_partition` is not int32"))?;
+    let offsets = column(batch, "_offset")?
+        .as_any()
+        .downcast_ref::<arrow::array::Int64Array>()
+        .ok_or_else(|| TaskError::internal("`_offset` is not int64"))?;
+    Ok((strings(batch, "_topic")?, partitions, offsets))
 }
 
 fn strings<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a StringArray, TaskError> {
@@ -1280,15 +1294,7 @@ impl DeadLetters {
         row: usize,
         error: &str,
     ) -> Result<(), TaskError> {
-        let topic = strings(batch, "_topic")?;
-        let partition = column(batch, "_partition")?
-            .as_any()
-            .downcast_ref::<arrow::array::Int32Array>()
-            .ok_or_else(|| TaskError::internal("`_partition` is not int32"))?;
-        let offset = column(batch, "_offset")?
-            .as_any()
-            .downcast_ref::<arrow::array::Int64Array>()
-            .ok_or_else(|| TaskError::internal("`_offset` is not int64"))?;
+        let (topic, partition, offset) = origin(batch)?;
         self.topic
             .append_option(topic.is_valid(row).then(|| topic.value(row)));
         self.partition
