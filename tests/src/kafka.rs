@@ -90,6 +90,11 @@ impl Broker {
         Ok(child)
     }
 
+    /// What the broker logged so far (for a failing test's message).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default()
+    }
+
     pub async fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)

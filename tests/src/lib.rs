@@ -411,6 +411,27 @@ impl Cluster {
         self.children.retain(|(svc, _, _)| *svc != s);
     }
 
+    /// SIGTERM to one replica, then wait for it to exit: a clean shutdown, as in a rollout.
+    pub async fn stop_replica(&mut self, s: Service, replica: usize) -> anyhow::Result<()> {
+        for (_, _, child) in self
+            .children
+            .iter_mut()
+            .filter(|(svc, r, _)| *svc == s && *r == replica)
+        {
+            if let Some(pid) = child.id() {
+                std::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status()?;
+            }
+            tokio::time::timeout(std::time::Duration::from_secs(30), child.wait())
+                .await
+                .context("the replica did not exit within 30 s of SIGTERM")??;
+        }
+        self.children
+            .retain(|(svc, r, _)| !(*svc == s && *r == replica));
+        Ok(())
+    }
+
     /// SIGKILL of one replica.
     pub async fn kill_replica(&mut self, s: Service, replica: usize) {
         for (_, _, child) in self

@@ -958,7 +958,12 @@ async fn wait_for_silver(cluster: &Cluster, state: &std::collections::BTreeMap<i
         }
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
-    panic!("silver never caught up with the source (last saw {last:?} rows)");
+    let log = cluster.replica_log(Service::Ingestor, 0);
+    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+    panic!(
+        "silver never caught up with the source (last saw {last:?} rows); the ingestor's log ends:\n{}",
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1089,14 +1094,17 @@ silver:
     );
 }
 
+/// Two ingestor replicas are members of the source's consumer group and split its partitions;
+/// when one shuts down, the group hands its partitions to the other, which starts them at the
+/// offsets bronze holds: nothing is lost and nothing lands twice.
 #[tokio::test(flavor = "multi_thread")]
-async fn two_ingestor_replicas_share_the_partitions() {
+async fn two_ingestor_replicas_share_the_partitions_and_take_over_from_each_other() {
     let broker = Broker::start().await.expect("broker");
     broker
         .create_topic("pg.public.customers", PARTITIONS)
         .await
         .expect("topic");
-    let cluster = Cluster::start_with(medallion_tests::ClusterOptions {
+    let mut cluster = Cluster::start_with(medallion_tests::ClusterOptions {
         ingestors: 2,
         ..Default::default()
     })
@@ -1108,7 +1116,7 @@ name: shared
 sources:
   - name: customers_pg
     format: kafka-debezium
-    kafka: {{ brokers: "{}", topics: [pg.public.customers], readers: 2, idle_ms: 1000 }}
+    kafka: {{ brokers: "{}", topics: [pg.public.customers], idle_ms: 1000 }}
 silver:
 {}"#,
         broker.bootstrap,
@@ -1119,7 +1127,15 @@ silver:
     let mut state = Default::default();
     let mut position = 1000u64;
     let mut sent = 0;
-    for round in 0..2 {
+    for round in 0..3 {
+        if round == 2 {
+            // One replica shuts down (a rollout, a scale-down): its member leaves the group,
+            // and the coordinator stops calling it once its health fails.
+            cluster
+                .stop_replica(Service::Ingestor, 1)
+                .await
+                .expect("stop replica 1");
+        }
         let changes = generate(&mut rng, &mut state, &mut position, 800, 150);
         deliver(
             &broker,
@@ -1131,29 +1147,58 @@ silver:
         )
         .await;
         sent += changes.len() + 40;
-        let (run, _) = cluster.run("shared", false).await.expect("run");
-        assert!(succeeded(&run), "round {round}: {run:?}");
+        // The survivor gets the dead member's partitions once the group notices (its session
+        // times out), so it may take a few runs; no run may lose or repeat a message.
+        let mut runs = 0;
+        loop {
+            let (run, _) = cluster.run("shared", false).await.expect("run");
+            runs += 1;
+            // (Reading bronze fails the test on any message that landed twice.)
+            let (messages, _) = bronze_rows(&cluster, "bronze.customers_pg").await;
+            if round < 2 || messages.len() == sent {
+                assert!(succeeded(&run), "round {round}: {run:?}");
+                assert_eq!(messages.len(), sent, "round {round}: messages lost");
+                break;
+            }
+            if runs >= 20 {
+                let log = cluster.replica_log(Service::Ingestor, 0);
+                let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                let broker_log = broker.log();
+                let groups: Vec<&str> = broker_log
+                    .lines()
+                    .filter(|l| l.contains("heartbeat") || l.contains("generation"))
+                    .collect();
+                panic!(
+                    "round {round}: the survivor never took the dead member's partitions; its log ends:\n{}\nthe broker's group log:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+                    groups.join("\n")
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
         let got: std::collections::BTreeMap<i64, Customer> =
             scd1_rows(&cluster.read("silver.customers").await.expect("read"))
                 .into_iter()
                 .map(|(id, (c, _))| (id, c))
                 .collect();
         assert_eq!(got, state, "round {round}");
-        let (messages, _) = bronze_rows(&cluster, "bronze.customers_pg").await;
-        assert_eq!(
-            messages.len(),
-            sent,
-            "round {round}: messages lost or repeated"
-        );
+        if round == 0 {
+            // Each replica was assigned a share of the partitions.
+            for r in 0..2 {
+                let log = cluster.replica_log(Service::Ingestor, r);
+                assert!(
+                    log.lines()
+                        .any(|l| l.contains("partitions assigned") && !l.contains("partitions=0 ")),
+                    "replica {r} was assigned no partition:\n{log}"
+                );
+            }
+        }
     }
-    // Each replica read its share: one reader has partitions 0 and 2, the other partition 1.
-    let shares: Vec<String> = (0..2)
-        .map(|r| cluster.replica_log(Service::Ingestor, r))
-        .collect();
-    for (r, log) in shares.iter().enumerate() {
-        assert!(
-            log.contains("reading Kafka"),
-            "replica {r} read no partition:\n{log}"
-        );
-    }
+    // The survivor took over every partition.
+    let log = cluster.replica_log(Service::Ingestor, 0);
+    assert!(
+        log.lines().any(|l| l.contains("partitions assigned")
+            && l.contains(&format!("partitions={PARTITIONS} "))),
+        "replica 0 never held every partition:\n{log}"
+    );
 }

@@ -282,6 +282,7 @@ fn commit_spec(mode: WriteMode, app_id: &str) -> CommitSpec {
         txn_version: 1,
         metadata: Default::default(),
         more_transactions: Vec::new(),
+        expect_transactions: Vec::new(),
     }
 }
 

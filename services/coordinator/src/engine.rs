@@ -62,6 +62,9 @@ pub fn now_ms() -> i64 {
 #[derive(Clone)]
 pub struct LayerEndpoints {
     pub ingestor: Channel,
+    /// Each ingestor replica on its own: a Kafka source's bronze task goes to every one, as
+    /// each is a member of the source's consumer group.
+    pub ingestor_replicas: medallion_server::Replicas,
     pub refiner: Channel,
     pub aggregator: Channel,
 }
@@ -769,7 +772,7 @@ impl Engine {
         cancel: CancellationToken,
     ) -> TaskOutcome {
         let name = table.to_string();
-        let shards = readers(&table, &request);
+        let group_readers = group_readers(&table, &request);
         let mut backoff = Duration::from_millis(policy.backoff_ms);
         for attempt in 1..=policy.retries.saturating_add(1) {
             self.set_task(
@@ -789,7 +792,8 @@ impl Engine {
             let mut attempt_request = request.clone();
             attempt_request.task_id = format!("{}#{attempt}", request.task_id);
             let task_id = attempt_request.task_id.clone();
-            let call = self.call_readers(run_id, &table, attempt_request, shards, &cancel);
+            let targets = self.targets(&table, group_readers);
+            let call = self.call_readers(run_id, &table, attempt_request, &targets, &cancel);
             let result = tokio::select! {
                 r = tokio::time::timeout(Duration::from_secs(policy.timeout_secs), call) => match r {
                     Ok(r) => r,
@@ -817,8 +821,9 @@ impl Engine {
                     return TaskOutcome::Succeeded(manifest);
                 }
                 Err(status) if cancel.is_cancelled() => {
-                    let mut client = StageServiceClient::new(self.endpoints.for_layer(table.layer));
-                    for task_id in reader_task_ids(&task_id, shards) {
+                    let ids = reader_task_ids(&task_id, targets.len() as u32);
+                    for (task_id, channel) in ids.into_iter().zip(targets) {
+                        let mut client = StageServiceClient::new(channel);
                         let _ = client.cancel_task(pb::CancelTaskRequest { task_id }).await;
                     }
                     self.set_task(run_id, &name, None, |t| {
@@ -868,29 +873,59 @@ impl Engine {
         TaskOutcome::Failed
     }
 
-    /// Runs a task as `shards` readers at once (each a call of its own, which the balanced
-    /// channel spreads over the replicas) and merges their manifests: the table as the last
-    /// commit left it, with the rows and lag of all.
+    /// Where a task's calls go: one to the layer's balanced channel, or, for a Kafka source
+    /// read by its consumer group, one to each healthy ingestor replica (at most `readers`).
+    fn targets(&self, table: &TableRef, group_readers: Option<usize>) -> Vec<Channel> {
+        let balanced = vec![self.endpoints.for_layer(table.layer)];
+        let Some(most) = group_readers else {
+            return balanced;
+        };
+        let replicas: Vec<Channel> = self
+            .endpoints
+            .ingestor_replicas
+            .healthy()
+            .into_iter()
+            .take(most)
+            .map(|(_, channel)| channel)
+            .collect();
+        // None healthy yet: the balanced channel waits for one.
+        if replicas.is_empty() {
+            balanced
+        } else {
+            replicas
+        }
+    }
+
+    /// Runs a task as one call per target at once and merges their manifests: the table as
+    /// the last commit left it, with the rows and lag of all.
     async fn call_readers(
         &self,
         run_id: &str,
         table: &TableRef,
         request: pb::RunTaskRequest,
-        shards: u32,
+        targets: &[Channel],
         cancel: &CancellationToken,
     ) -> Result<pb::TaskManifest, tonic::Status> {
+        let shards = targets.len() as u32;
         if shards <= 1 {
-            return self.call_stage(run_id, table, request, cancel).await;
+            let channel = targets
+                .first()
+                .cloned()
+                .unwrap_or_else(|| self.endpoints.for_layer(table.layer));
+            return self
+                .call_stage(run_id, table, request, channel, cancel)
+                .await;
         }
         let calls = reader_task_ids(&request.task_id, shards)
             .into_iter()
+            .zip(targets)
             .enumerate()
-            .map(|(shard, task_id)| {
+            .map(|(shard, (task_id, channel))| {
                 let mut request = request.clone();
                 request.task_id = task_id;
                 request.shard = shard as u32;
                 request.shards = shards;
-                self.call_stage(run_id, table, request, cancel)
+                self.call_stage(run_id, table, request, channel.clone(), cancel)
             });
         let mut merged: Option<pb::TaskManifest> = None;
         for manifest in futures::future::join_all(calls).await {
@@ -929,11 +964,12 @@ impl Engine {
         run_id: &str,
         table: &TableRef,
         request: pb::RunTaskRequest,
+        channel: Channel,
         cancel: &CancellationToken,
     ) -> Result<pb::TaskManifest, tonic::Status> {
         let name = table.to_string();
-        let mut client = StageServiceClient::new(self.endpoints.for_layer(table.layer))
-            .max_decoding_message_size(64 * 1024 * 1024);
+        let mut client =
+            StageServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
         let span = tracing::info_span!(
             "stage.run_task",
             otel.kind = "client",
@@ -1001,20 +1037,16 @@ fn active_run(state: &State, pipeline: &str) -> Option<String> {
         .map(|r| r.id.clone())
 }
 
-/// How many readers run a task at once: a Kafka source's `readers` (one for a full refresh,
-/// which rewrites the table), else one.
-fn readers(table: &TableRef, request: &pb::RunTaskRequest) -> u32 {
+/// For a Kafka source's bronze task, which its consumer group reads: the most ingestor
+/// replicas to call (`None` for every other task, and for a full refresh, which one reader
+/// does alone).
+fn group_readers(table: &TableRef, request: &pb::RunTaskRequest) -> Option<usize> {
     if table.layer != Layer::Bronze || request.full_refresh {
-        return 1;
+        return None;
     }
-    Pipeline::parse(&request.spec_yaml)
-        .ok()
-        .and_then(|p| {
-            p.source(&table.name)
-                .and_then(|s| s.kafka.as_ref())
-                .map(|k| k.readers)
-        })
-        .unwrap_or(1)
+    let pipeline = Pipeline::parse(&request.spec_yaml).ok()?;
+    let kafka = pipeline.source(&table.name)?.kafka.as_ref()?;
+    Some(kafka.readers.map_or(usize::MAX, |r| r as usize))
 }
 
 /// The task ids of a task's readers (its own id when it has one reader).

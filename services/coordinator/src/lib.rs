@@ -71,8 +71,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         anyhow::bail!("MEDALLION_API_TOKEN (--api-token) is set but empty");
     }
     let store = store::Store::open(&config.state_dir)?;
+    let (ingestor, ingestor_replicas) =
+        medallion_server::channel_and_replicas(&config.ingestor, &config.service.tls)?;
     let endpoints = engine::LayerEndpoints {
-        ingestor: medallion_server::channel(&config.ingestor, &config.service.tls)?,
+        ingestor,
+        ingestor_replicas,
         refiner: medallion_server::channel(&config.refiner, &config.service.tls)?,
         aggregator: medallion_server::channel(&config.aggregator, &config.service.tls)?,
     };

@@ -64,6 +64,16 @@ pub struct Options {
     pub sequence_field: Option<String>,
 }
 
+impl Options {
+    /// The parsing options a source's spec sets.
+    pub fn of(kafka: &medallion_spec::KafkaSourceSpec) -> Options {
+        Options {
+            key_columns: kafka.key_columns.clone(),
+            sequence_field: kafka.sequence_field.clone(),
+        }
+    }
+}
+
 /// The envelope members a change is read from.
 const ENVELOPE: [&str; 7] = [
     "schema", "payload", "op", "before", "after", "source", "ts_ms",

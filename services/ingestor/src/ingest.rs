@@ -33,6 +33,8 @@ pub(crate) struct Ingestor {
     pub objects: tokio::sync::OnceCell<ObjectStore>,
     /// Where S3 objects are streamed to before parsing.
     pub spool_dir: PathBuf,
+    /// This replica's members of Kafka sources' consumer groups.
+    pub members: std::sync::Arc<crate::group::Members>,
 }
 
 /// Bronze as a task finds it.
@@ -308,8 +310,28 @@ impl TaskRunner for Ingestor {
             return self.run_http(task, source, progress, cancel).await;
         }
         if let Some(kafka) = &source.kafka {
-            return crate::kafka::run(&self.lake, &task, &source.name, kafka, &progress, &cancel)
+            if task.full_refresh {
+                self.members.stop(&task, &source.name);
+                return crate::kafka::refresh(
+                    &self.lake,
+                    &task,
+                    &source.name,
+                    kafka,
+                    &progress,
+                    &cancel,
+                )
                 .await;
+            }
+            return crate::group::run(
+                &self.members,
+                &self.lake,
+                &task,
+                &source.name,
+                kafka,
+                &progress,
+                &cancel,
+            )
+            .await;
         }
         let name = source.name.clone();
         progress.report("listing files", 0, 0, true);

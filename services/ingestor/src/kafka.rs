@@ -3,11 +3,10 @@
 //!
 //! Offsets live in bronze, not in Kafka: every commit records, as Delta application
 //! transactions (`kafka:<topic>:<partition>` = last offset), where each partition's rows end,
-//! in the same commit as the rows. A task assigns every partition of its topics at the offset
-//! after the committed one, reads in micro-batches (at most `max_batch_rows` rows per commit)
-//! until no message arrived for `idle_ms`, and commits each batch. A crash loses only the batch
-//! in flight, which the next task reads again from the committed offsets; two ingestors racing
-//! on one partition conflict on its transaction, so one of them fails instead of duplicating.
+//! in the same commit as the rows. Ingestor replicas read a source as members of one consumer
+//! group ([`crate::group`]), each starting its partitions just after the committed offsets; a
+//! crash loses only the micro-batch in flight, which the partition's next reader reads again.
+//! A full refresh rebuilds the table from the beginning of every partition ([`refresh`]).
 //!
 //! Malformed messages are not lost: they become rows with `_error` and the raw `_value`.
 
@@ -53,14 +52,14 @@ pub fn change_schema() -> SchemaRef {
 }
 
 /// How long a task waits for its first message before deciding the topics hold nothing new.
-const FIRST_WAIT: Duration = Duration::from_secs(5);
+pub(crate) const FIRST_WAIT: Duration = Duration::from_secs(5);
 
-fn app_id(topic: &str, partition: i32) -> String {
+pub(crate) fn app_id(topic: &str, partition: i32) -> String {
     format!("kafka:{topic}:{partition}")
 }
 
 /// Rows of one micro-batch, column by column.
-struct BatchBuilder {
+pub(crate) struct BatchBuilder {
     op: StringBuilder,
     key: StringBuilder,
     sequence: StringBuilder,
@@ -80,13 +79,13 @@ struct BatchBuilder {
     kafka_ts: TimestampMicrosecondBuilder,
     error: StringBuilder,
     value: BinaryBuilder,
-    rows: usize,
+    pub rows: usize,
     /// Last offset per (topic, partition) in this batch, tombstones included.
-    last: BTreeMap<String, BTreeMap<i32, i64>>,
+    pub last: BTreeMap<String, BTreeMap<i32, i64>>,
 }
 
 impl BatchBuilder {
-    fn new() -> BatchBuilder {
+    pub fn new() -> BatchBuilder {
         BatchBuilder {
             op: StringBuilder::new(),
             key: StringBuilder::new(),
@@ -109,7 +108,7 @@ impl BatchBuilder {
         }
     }
 
-    fn push<M: Message>(&mut self, message: &M, options: &debezium::Options) {
+    pub fn push<M: Message>(&mut self, message: &M, options: &debezium::Options) {
         let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
         // The topic's name is copied once per batch, not per message.
         match self.last.get_mut(topic) {
@@ -222,34 +221,34 @@ impl BatchBuilder {
     }
 }
 
-/// One bronze task of a Kafka source.
-pub async fn run(
-    lake: &Lake,
+/// What a commit records about the run it belongs to.
+#[derive(Debug, Clone)]
+pub(crate) struct CommitTag {
+    pub run_id: String,
+    pub pipeline: String,
+    pub table: String,
+}
+
+impl CommitTag {
+    pub fn of(task: &TaskRequest) -> CommitTag {
+        CommitTag {
+            run_id: task.run_id.clone(),
+            pipeline: task.pipeline.spec.name.clone(),
+            table: task.table.to_string(),
+        }
+    }
+}
+
+/// The librdkafka settings of a source: ours, then the spec's pass-through settings.
+pub(crate) fn client_config(
     task: &TaskRequest,
     name: &str,
     kafka: &KafkaSourceSpec,
-    progress: &Progress,
-    cancel: &CancellationToken,
-) -> Result<Manifest, TaskError> {
-    let current = lake
-        .snapshot(Layer::Bronze, name, None)
-        .await
-        .map_err(TaskError::internal)?;
-    // A change table made before `row_schema` existed goes on without it (until a full
-    // refresh rewrites it): appends must keep its schema.
-    let legacy = current
-        .as_ref()
-        .is_some_and(|s| s.schema.field_with_name(ROW_SCHEMA).is_err());
+) -> Result<ClientConfig, TaskError> {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", &kafka.brokers)
-        .set(
-            "group.id",
-            kafka
-                .group
-                .clone()
-                .unwrap_or_else(|| format!("medallion-{}-{name}", task.pipeline.spec.name)),
-        )
+        .set("group.id", group_id(task, name, kafka))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
@@ -259,15 +258,122 @@ pub async fn run(
             .map_err(TaskError::Invalid)?;
         config.set(key, value);
     }
-    let consumer: StreamConsumer = config
+    Ok(config)
+}
+
+/// The consumer group of a source's readers: the spec's, else one per pipeline source.
+pub(crate) fn group_id(task: &TaskRequest, name: &str, kafka: &KafkaSourceSpec) -> String {
+    kafka
+        .group
+        .clone()
+        .unwrap_or_else(|| format!("medallion-{}-{name}", task.pipeline.spec.name))
+}
+
+/// Whether an existing change table predates `row_schema`: appends must keep its schema (until
+/// a full refresh rewrites it).
+pub(crate) fn is_legacy(snapshot: Option<&medallion_lake::TableSnapshot>) -> bool {
+    snapshot.is_some_and(|s| s.schema.field_with_name(ROW_SCHEMA).is_err())
+}
+
+/// A full refresh of a Kafka source: one reader rebuilds the change table from the beginning
+/// of every partition, outside the consumer group (the group's members find their offsets
+/// moved at their next commit and start over from the rebuilt table).
+pub async fn refresh(
+    lake: &Lake,
+    task: &TaskRequest,
+    name: &str,
+    kafka: &KafkaSourceSpec,
+    progress: &Progress,
+    cancel: &CancellationToken,
+) -> Result<Manifest, TaskError> {
+    let consumer: StreamConsumer = client_config(task, name, kafka)?
         .create()
         .map_err(|e| TaskError::Invalid(format!("source `{name}`: Kafka client: {e}")))?;
     let consumer = Arc::new(consumer);
 
-    // Every partition of every topic, from just after its committed offset.
     progress.report("reading partitions", 0, 0, true);
     let mut assignment = TopicPartitionList::new();
-    let mut partitions = 0;
+    let partitions = topic_partitions(consumer.clone(), name, kafka).await?;
+    for (topic, partition) in &partitions {
+        assignment
+            .add_partition_offset(topic, *partition, Offset::Beginning)
+            .map_err(TaskError::internal)?;
+    }
+    let partitions = partitions.len();
+    consumer
+        .assign(&assignment)
+        .map_err(|e| TaskError::Invalid(format!("source `{name}`: assign: {e}")))?;
+    tracing::info!(
+        source = name,
+        partitions,
+        "reading Kafka from the beginning"
+    );
+
+    let options = debezium::Options::of(kafka);
+    let tag = CommitTag::of(task);
+    let idle = Duration::from_millis(kafka.idle_ms);
+    // The first fetch also waits for the connection and the partition leaders.
+    let mut wait = idle.max(FIRST_WAIT);
+    let mut overwrite = true;
+    let mut last_outcome: Option<CommitOutcome> = None;
+    let (mut total, mut commits) = (0u64, 0u64);
+    let mut batch = BatchBuilder::new();
+    loop {
+        let message = tokio::select! {
+            m = consumer.recv() => Some(m),
+            _ = tokio::time::sleep(wait) => None,
+            _ = cancel.cancelled() => return Err(TaskError::Cancelled),
+        };
+        let done = match message {
+            Some(Ok(message)) => {
+                batch.push(&message, &options);
+                wait = idle;
+                false
+            }
+            Some(Err(e)) => {
+                return Err(TaskError::Invalid(format!(
+                    "source `{name}`: reading Kafka: {e}"
+                )));
+            }
+            None => true,
+        };
+        let full = batch.rows >= kafka.max_batch_rows;
+        if (done || full) && !batch.last.is_empty() {
+            let rows = batch.rows as u64;
+            let outcome =
+                commit(lake, &tag, name, &mut batch, overwrite, false, Vec::new()).await?;
+            overwrite = false;
+            total += rows;
+            commits += 1;
+            last_outcome = Some(outcome);
+            progress.report(&format!("{commits} commits"), total, 0, false);
+        }
+        if done {
+            break;
+        }
+    }
+    let source_lag = source_lag(consumer.clone(), assignment).await;
+    let mut manifest = match last_outcome {
+        Some(outcome) => {
+            // The manifest of the last commit, counting the rows of every commit of the task.
+            let mut manifest = Manifest::after_commit(lake, &task.table, &outcome).await?;
+            manifest.rows_written = total;
+            manifest
+        }
+        // The topics are empty: an empty table, so downstream tables have their input.
+        None => create_empty(lake, task, name, WriteMode::Overwrite).await?,
+    };
+    manifest.source_lag = source_lag;
+    Ok(manifest)
+}
+
+/// Every partition of the source's topics; a topic the brokers do not know is an error.
+pub(crate) async fn topic_partitions<C: Consumer + Send + Sync + 'static>(
+    consumer: Arc<C>,
+    name: &str,
+    kafka: &KafkaSourceSpec,
+) -> Result<Vec<(String, i32)>, TaskError> {
+    let mut partitions = Vec::new();
     for topic in &kafka.topics {
         let (c, t) = (consumer.clone(), topic.clone());
         let metadata = tokio::task::spawn_blocking(move || {
@@ -293,119 +399,40 @@ pub async fn run(
                 kafka.brokers
             )));
         }
-        // One of several readers takes its share of the partitions.
-        let shards = task.shards.max(1) as i32;
-        let shard = task.shard as i32;
-        for partition in ids.into_iter().filter(|p| p % shards == shard) {
-            let committed = match (&current, task.full_refresh) {
-                (Some(snapshot), false) => snapshot
-                    .app_version(&app_id(topic, partition))
-                    .await
-                    .map_err(TaskError::internal)?,
-                _ => None,
-            };
-            let start = committed.map_or(Offset::Beginning, |o| Offset::Offset(o + 1));
-            assignment
-                .add_partition_offset(topic, partition, start)
-                .map_err(TaskError::internal)?;
-            partitions += 1;
-        }
+        partitions.extend(ids.into_iter().map(|p| (topic.clone(), p)));
     }
-    consumer
-        .assign(&assignment)
-        .map_err(|e| TaskError::Invalid(format!("source `{name}`: assign: {e}")))?;
-    tracing::info!(source = name, partitions, "reading Kafka");
+    Ok(partitions)
+}
 
-    let options = debezium::Options {
-        key_columns: kafka.key_columns.clone(),
-        sequence_field: kafka.sequence_field.clone(),
-    };
-    let idle = Duration::from_millis(kafka.idle_ms);
-    // The first fetch also waits for the connection and the partition leaders.
-    let mut wait = idle.max(FIRST_WAIT);
-    // A rewrite starts from nothing; with several readers at once each only appends its share
-    // (the coordinator runs a full refresh as one reader).
-    let mut overwrite = (task.full_refresh || current.is_none()) && task.shards <= 1;
-    let mut last_outcome: Option<CommitOutcome> = None;
-    let (mut total, mut commits) = (0u64, 0u64);
-    let mut batch = BatchBuilder::new();
-    // With `max_task_ms`, the task ends that long after its first message.
-    let budget = (kafka.max_task_ms > 0).then(|| Duration::from_millis(kafka.max_task_ms));
-    let mut deadline: Option<tokio::time::Instant> = None;
-    loop {
-        let sleep = match deadline {
-            Some(d) => wait.min(d.saturating_duration_since(tokio::time::Instant::now())),
-            None => wait,
-        };
-        let message = tokio::select! {
-            m = consumer.recv() => Some(m),
-            _ = tokio::time::sleep(sleep) => None,
-            _ = cancel.cancelled() => return Err(TaskError::Cancelled),
-        };
-        let done = match message {
-            Some(Ok(message)) => {
-                batch.push(&message, &options);
-                wait = idle;
-                if deadline.is_none() {
-                    deadline = budget.map(|b| tokio::time::Instant::now() + b);
-                }
-                deadline.is_some_and(|d| tokio::time::Instant::now() >= d)
-            }
-            Some(Err(e)) => {
-                return Err(TaskError::Invalid(format!(
-                    "source `{name}`: reading Kafka: {e}"
-                )));
-            }
-            None => true,
-        };
-        let full = batch.rows >= kafka.max_batch_rows;
-        if (done || full) && !batch.last.is_empty() {
-            let rows = batch.rows as u64;
-            let outcome = commit(lake, task, name, &mut batch, overwrite, legacy).await?;
-            overwrite = false;
-            total += rows;
-            commits += 1;
-            last_outcome = Some(outcome);
-            progress.report(&format!("{commits} commits"), total, 0, false);
-        }
-        if done {
-            break;
-        }
-    }
-    let source_lag = source_lag(consumer.clone(), assignment).await;
-    let mut manifest = match (last_outcome, &current) {
-        (Some(outcome), _) => {
-            // The manifest of the last commit, counting the rows of every commit of the task.
-            let mut manifest = Manifest::after_commit(lake, &task.table, &outcome).await?;
-            manifest.rows_written = total;
-            manifest
-        }
-        (None, Some(snapshot)) if !task.full_refresh => Manifest::of_snapshot(snapshot, false),
-        // Nothing to read yet: an empty table, so downstream tables have their input.
-        (None, _) => {
-            let writer = lake
-                .writer(Layer::Bronze, name, change_schema())
-                .await
-                .map_err(TaskError::internal)?;
-            let mode = if task.shards <= 1 {
-                WriteMode::Overwrite
-            } else {
-                WriteMode::Append
-            };
-            let spec = commit_spec(task, mode, vec![(format!("kafka:{name}"), 0)]);
-            let outcome = writer.commit(spec).await.map_err(TaskError::internal)?;
-            Manifest::after_commit(lake, &task.table, &outcome).await?
-        }
-    };
-    manifest.source_lag = source_lag;
-    Ok(manifest)
+/// Commits an empty change table (nothing read yet), so the tables downstream have an input.
+pub(crate) async fn create_empty(
+    lake: &Lake,
+    task: &TaskRequest,
+    name: &str,
+    mode: WriteMode,
+) -> Result<Manifest, TaskError> {
+    let writer = lake
+        .writer(Layer::Bronze, name, change_schema())
+        .await
+        .map_err(TaskError::internal)?;
+    let spec = commit_spec(
+        &CommitTag::of(task),
+        mode,
+        vec![(format!("kafka:{name}"), 0)],
+    );
+    let outcome = writer.commit(spec).await.map_err(TaskError::internal)?;
+    Manifest::after_commit(lake, &task.table, &outcome).await
 }
 
 /// Messages the assigned partitions hold beyond what the consumer has read (high watermark
 /// minus next offset, summed); `None` if the broker cannot say.
-async fn source_lag(consumer: Arc<StreamConsumer>, assignment: TopicPartitionList) -> Option<u64> {
+pub(crate) async fn source_lag<C: Consumer + Send + Sync + 'static>(
+    consumer: Arc<C>,
+    assignment: TopicPartitionList,
+) -> Option<u64> {
     tokio::task::spawn_blocking(move || {
-        let position = consumer.position().ok()?;
+        // A client with no assignment of its own counts from the given offsets.
+        let position = consumer.position().unwrap_or_default();
         let mut lag = 0u64;
         for start in assignment.elements() {
             let (topic, partition) = (start.topic(), start.partition());
@@ -428,31 +455,35 @@ async fn source_lag(consumer: Arc<StreamConsumer>, assignment: TopicPartitionLis
     .flatten()
 }
 
-fn commit_spec(task: &TaskRequest, mode: WriteMode, mut txns: Vec<(String, i64)>) -> CommitSpec {
+fn commit_spec(tag: &CommitTag, mode: WriteMode, mut txns: Vec<(String, i64)>) -> CommitSpec {
     let (app_id, txn_version) = txns.remove(0);
     let mut metadata = serde_json::Map::new();
-    metadata.insert("run_id".into(), task.run_id.clone().into());
-    metadata.insert("pipeline".into(), task.pipeline.spec.name.clone().into());
-    metadata.insert("table".into(), task.table.to_string().into());
+    metadata.insert("run_id".into(), tag.run_id.clone().into());
+    metadata.insert("pipeline".into(), tag.pipeline.clone().into());
+    metadata.insert("table".into(), tag.table.clone().into());
     CommitSpec {
         mode,
         app_id,
         txn_version,
         metadata,
         more_transactions: txns,
+        expect_transactions: Vec::new(),
     }
 }
 
-/// Commits the batch with the last offset of each partition it read.
-async fn commit(
+/// Commits the batch with the last offset of each partition it read. `expected` holds, for
+/// the partitions of the batch, the offset bronze must still hold for each (the commit is
+/// refused if another reader moved one).
+pub(crate) async fn commit(
     lake: &Lake,
-    task: &TaskRequest,
+    tag: &CommitTag,
     name: &str,
     batch: &mut BatchBuilder,
     overwrite: bool,
     legacy: bool,
+    expected: Vec<(String, Option<i64>)>,
 ) -> Result<CommitOutcome, TaskError> {
-    let mut rows = batch.finish(chrono::Utc::now().timestamp_micros(), &task.run_id)?;
+    let mut rows = batch.finish(chrono::Utc::now().timestamp_micros(), &tag.run_id)?;
     if legacy && !overwrite {
         let keep: Vec<usize> = (0..rows.num_columns())
             .filter(|&i| rows.schema().field(i).name() != ROW_SCHEMA)
@@ -479,10 +510,9 @@ async fn commit(
     } else {
         WriteMode::Append
     };
-    writer
-        .commit(commit_spec(task, mode, txns))
-        .await
-        .map_err(TaskError::internal)
+    let mut spec = commit_spec(tag, mode, txns);
+    spec.expect_transactions = expected;
+    writer.commit(spec).await.map_err(TaskError::internal)
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 
 pub mod debezium;
 mod env;
+pub mod group;
 pub mod http;
 pub mod ingest;
 mod json_fields;
@@ -45,11 +46,13 @@ pub struct Config {
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let lake = Lake::connect(&config.lake, &config.s3).await?;
     let listener = medallion_server::bind(&config.listen).await?;
+    let members = std::sync::Arc::new(group::Members::default());
     let runner = ingest::Ingestor {
         lake: lake.clone(),
         s3: config.s3.clone(),
         objects: tokio::sync::OnceCell::new(),
         spool_dir: config.spool_dir.clone().unwrap_or_else(std::env::temp_dir),
+        members: members.clone(),
     };
     medallion_stage::serve_layer(
         runner,
@@ -61,5 +64,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         shutdown,
     )
     .await?;
+    // Leaving the consumer groups hands this replica's partitions to the others right away.
+    members.leave_all(std::time::Duration::from_secs(10)).await;
     Ok(())
 }

@@ -54,6 +54,24 @@ pub enum Error {
         write_schema: String,
     },
 
+    /// An application transaction the commit expected to find unchanged has moved: another
+    /// writer committed for that app id since this one read it.
+    #[error(
+        "{layer}/{table}: `{app_id}` is at {found:?} but this commit continues from {expected:?}: another writer took it over"
+    )]
+    TransactionMoved {
+        /// Layer of the table.
+        layer: Layer,
+        /// Table name.
+        table: String,
+        /// The application id.
+        app_id: String,
+        /// The version the commit continues from (`None`: never committed).
+        expected: Option<i64>,
+        /// The version the table holds.
+        found: Option<i64>,
+    },
+
     /// An Arrow schema that has no Delta equivalent.
     #[error("{layer}/{table}: unsupported schema: {source}")]
     Schema {

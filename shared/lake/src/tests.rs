@@ -28,6 +28,7 @@ fn spec(mode: WriteMode, app_id: &str, txn_version: i64) -> CommitSpec {
         txn_version,
         metadata,
         more_transactions: Vec::new(),
+        expect_transactions: Vec::new(),
     }
 }
 
@@ -791,4 +792,63 @@ async fn concurrent_retries_on_an_existing_table_commit_once() {
         .unwrap();
     assert_eq!(snap.version, 2);
     assert_eq!(read_i64(&lake, &snap, "a").await, vec![2]);
+}
+
+/// Two Kafka readers that both believe they own partition 0: the one continuing from an
+/// offset the other already moved is refused, and its rows never land.
+#[tokio::test]
+async fn a_commit_continuing_from_a_moved_transaction_is_refused() {
+    let (_dir, lake) = lake();
+    let fenced = |app: &str, offset: i64, expected: Option<i64>| {
+        let mut s = spec(WriteMode::Append, app, offset);
+        s.expect_transactions = vec![(app.to_string(), expected)];
+        s
+    };
+    // A table that does not exist yet holds no transaction.
+    let w = lake
+        .writer(Layer::Silver, "changes", simple_schema("a"))
+        .await
+        .unwrap();
+    let refused = w.commit(fenced("kafka:t:0", 9, Some(4))).await;
+    assert!(
+        matches!(refused, Err(Error::TransactionMoved { found: None, .. })),
+        "{refused:?}"
+    );
+    // Reader A reads offsets 0..=9 from nothing and commits them.
+    let a = write_simple(&lake, "changes", "a", &[0, 9], fenced("kafka:t:0", 9, None)).await;
+    assert!(matches!(a, CommitOutcome::Committed { version: 0, .. }));
+    // Reader B was also handed the partition when it was still empty: refused, naming both.
+    let mut w = lake
+        .writer(Layer::Silver, "changes", simple_schema("a"))
+        .await
+        .unwrap();
+    w.write(simple_batch("a", &[0, 1, 2])).await.unwrap();
+    let refused = w.commit(fenced("kafka:t:0", 2, None)).await;
+    match refused {
+        Err(e @ Error::TransactionMoved { .. }) => {
+            let message = e.to_string();
+            assert!(
+                message.contains("kafka:t:0") && message.contains("Some(9)"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // A continues from where it left off.
+    let a = write_simple(
+        &lake,
+        "changes",
+        "a",
+        &[10],
+        fenced("kafka:t:0", 10, Some(9)),
+    )
+    .await;
+    assert!(matches!(a, CommitOutcome::Committed { version: 1, .. }));
+    let snap = lake
+        .snapshot(Layer::Silver, "changes", None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(snap.total_rows(), Some(3));
+    assert_eq!(snap.app_version("kafka:t:0").await.unwrap(), Some(10));
 }

@@ -44,6 +44,11 @@ pub struct CommitSpec {
     /// each Kafka partition the rows came from). Two commits carrying the same app id conflict,
     /// so at most one of them lands.
     pub more_transactions: Vec<(String, i64)>,
+    /// Application transactions the commit continues from, each as it must still stand
+    /// (`None`: never committed). If another writer moved one since, the commit fails with
+    /// [`Error::TransactionMoved`]; a writer racing this very commit loses the conflict on the
+    /// same app ids. Fences a Kafka reader whose partitions were handed to another reader.
+    pub expect_transactions: Vec<(String, Option<i64>)>,
 }
 
 /// The result of [`TableWriter::commit`].
@@ -210,6 +215,19 @@ impl TableWriter {
 
         let mut created = None;
         if !exists {
+            // A table gone since the writer read it holds none of the expected transactions.
+            if let Some((app_id, expected)) =
+                spec.expect_transactions.iter().find(|(_, v)| v.is_some())
+            {
+                self.discard_files().await;
+                return Err(Error::TransactionMoved {
+                    layer: ctx.layer,
+                    table: ctx.table.clone(),
+                    app_id: app_id.clone(),
+                    expected: *expected,
+                    found: None,
+                });
+            }
             // Protocol, metadata, data and the app transaction all land in version 0.
             let result = CreateBuilder::new()
                 .with_log_store(delta.log_store())
@@ -245,6 +263,22 @@ impl TableWriter {
             let log_store = delta.log_store();
             let state = delta.snapshot().map_err(ctx.delta("read snapshot"))?;
             let current = version_i64(state.version());
+            for (app_id, expected) in &spec.expect_transactions {
+                let found = state
+                    .transaction_version(log_store.as_ref(), app_id)
+                    .await
+                    .map_err(ctx.delta("read app transaction"))?;
+                if found != *expected {
+                    self.discard_files().await;
+                    return Err(Error::TransactionMoved {
+                        layer: ctx.layer,
+                        table: ctx.table.clone(),
+                        app_id: app_id.clone(),
+                        expected: *expected,
+                        found,
+                    });
+                }
+            }
             let committed = state
                 .transaction_version(log_store.as_ref(), &spec.app_id)
                 .await

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::mpsc::Sender;
+use tokio::sync::{mpsc::Sender, watch};
 use tonic::transport::{Channel, Endpoint, Uri, channel::Change};
 
 use crate::{Error, Result, TlsOptions};
@@ -94,6 +94,27 @@ fn address_endpoint(target: &Target, addr: SocketAddr, tls: &TlsOptions) -> Resu
 /// (comma-separated), with the HTTP/2 windows Flight needs and TLS for `https://` URLs. Must be
 /// called inside the Tokio runtime: discovery runs as a task for as long as the channel lives.
 pub fn channel(urls: &str, tls: &TlsOptions) -> Result<Channel> {
+    Ok(channel_and_replicas(urls, tls)?.0)
+}
+
+/// The healthy replicas behind a balanced channel, each reachable on its own: for calls that
+/// must reach every replica rather than any one.
+#[derive(Debug, Clone)]
+pub struct Replicas(watch::Receiver<BTreeMap<SocketAddr, Channel>>);
+
+impl Replicas {
+    /// A channel to each replica healthy at the last probe, in address order.
+    pub fn healthy(&self) -> Vec<(SocketAddr, Channel)> {
+        self.0
+            .borrow()
+            .iter()
+            .map(|(addr, channel)| (*addr, channel.clone()))
+            .collect()
+    }
+}
+
+/// [`channel`], and a view of the replicas it balances over.
+pub fn channel_and_replicas(urls: &str, tls: &TlsOptions) -> Result<(Channel, Replicas)> {
     let targets = parse_targets(urls)?;
     if tls.enabled() && targets.iter().any(|t| !t.https) {
         tracing::warn!(urls, "TLS is on for this service but a URL is plain http");
@@ -103,8 +124,15 @@ pub fn channel(urls: &str, tls: &TlsOptions) -> Result<Channel> {
         tls.client_config()?;
     }
     let (channel, changes) = Channel::balance_channel(64);
-    tokio::spawn(discover(urls.to_string(), targets, tls.clone(), changes));
-    Ok(channel)
+    let (healthy, replicas) = watch::channel(BTreeMap::new());
+    tokio::spawn(discover(
+        urls.to_string(),
+        targets,
+        tls.clone(),
+        changes,
+        healthy,
+    ));
+    Ok((channel, Replicas(replicas)))
 }
 
 struct Replica {
@@ -130,6 +158,7 @@ async fn discover(
     targets: Vec<Target>,
     tls: TlsOptions,
     changes: Sender<Change<SocketAddr, Endpoint>>,
+    healthy: watch::Sender<BTreeMap<SocketAddr, Channel>>,
 ) {
     let mut replicas: BTreeMap<SocketAddr, Replica> = BTreeMap::new();
     let mut unresolved_logged = BTreeSet::new();
@@ -177,6 +206,9 @@ async fn discover(
         for addr in gone {
             if replicas.remove(&addr).is_some_and(|r| r.healthy) {
                 let _ = changes.send(Change::Remove(addr)).await;
+                healthy.send_modify(|h| {
+                    h.remove(&addr);
+                });
             }
         }
         let probes = replicas
@@ -197,6 +229,13 @@ async fn discover(
             };
             replica.healthy = serving;
             tracing::info!(service = %urls, %addr, serving, "replica health changed");
+            healthy.send_modify(|h| {
+                if serving {
+                    h.insert(addr, replica.probe.clone());
+                } else {
+                    h.remove(&addr);
+                }
+            });
             if changes.send(change).await.is_err() {
                 return; // the channel is gone
             }

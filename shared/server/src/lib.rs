@@ -55,7 +55,7 @@ pub struct ServiceOptions {
     pub tls: TlsOptions,
 }
 
-pub use discovery::channel;
+pub use discovery::{Replicas, channel, channel_and_replicas};
 
 /// The HTTP/2 settings every client endpoint gets.
 fn configure(endpoint: Endpoint) -> Endpoint {

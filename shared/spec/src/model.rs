@@ -172,14 +172,11 @@ pub struct KafkaSourceSpec {
     /// a `mode: streaming` pipeline.
     #[serde(default)]
     pub max_task_ms: u64,
-    /// Bronze tasks of this source run as this many readers at once, reader `i` taking the
-    /// partitions `p % readers == i`; ingestor replicas share them. A full refresh uses one.
-    #[serde(default = "default_kafka_readers")]
-    pub readers: u32,
-}
-
-fn default_kafka_readers() -> u32 {
-    1
+    /// The most ingestor replicas that read this source at once (default: every healthy
+    /// replica). Each is a member of the consumer group, which splits the partitions among
+    /// them. A full refresh uses one.
+    #[serde(default)]
+    pub readers: Option<u32>,
 }
 
 fn default_kafka_batch_rows() -> usize {

@@ -524,7 +524,7 @@ fn check_source_location(i: usize, source: &crate::SourceSpec) -> Result<(), Spe
                 "`max_batch_rows` and `idle_ms` must be above 0",
             ));
         }
-        if kafka.readers == 0 || kafka.readers > 64 {
+        if kafka.readers.is_some_and(|r| r == 0 || r > 64) {
             return Err(SpecError::new(
                 at("kafka.readers"),
                 "must be between 1 and 64",

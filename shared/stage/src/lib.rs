@@ -127,6 +127,7 @@ impl TaskRequest {
             txn_version: self.run_sequence as i64,
             metadata,
             more_transactions: Vec::new(),
+            expect_transactions: Vec::new(),
         }
     }
 

@@ -1,0 +1,677 @@
+//! A Kafka source's member of its consumer group on this ingestor replica: a consumer that keeps
+//! reading between tasks, so the replicas split the topics' partitions and bronze keeps up with
+//! Kafka in micro-batches bounded by size and age.
+//!
+//! Offsets live in bronze (see [`crate::kafka`]). On every assignment the member reads, from
+//! the latest bronze version, where each partition's rows end and starts just after. On a
+//! revocation it drops the rows it has not committed: the partition's next owner reads them
+//! again from bronze. Every commit names the offsets it continues from
+//! (`CommitSpec::expect_transactions`), so a member that lost a partition without noticing (a
+//! long stall, a network split) is refused instead of duplicating rows.
+//!
+//! A bronze task starts the member if it is not running, then waits until the member has
+//! caught up (nothing read and uncommitted, no message for `idle_ms`) or `max_task_ms` has
+//! passed, and reports the table as it then stands. A member nobody asked for during
+//! [`MEMBER_IDLE`] commits what it has and leaves the group.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use medallion_lake::{CommitOutcome, Lake};
+use medallion_server::CancellationToken;
+use medallion_spec::{KafkaSourceSpec, Layer};
+use medallion_stage::{Manifest, Progress, TaskError, TaskRequest};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+
+use crate::debezium;
+use crate::kafka::{self, BatchBuilder, CommitTag, FIRST_WAIT};
+
+/// A member that no task asked for this long leaves the group.
+pub const MEMBER_IDLE: Duration = Duration::from_secs(120);
+/// How long a task waits for the group to assign partitions before failing.
+const JOIN_WAIT: Duration = Duration::from_secs(60);
+/// With no `max_task_ms`, the longest a micro-batch stays uncommitted while messages keep coming.
+const BATCH_AGE: Duration = Duration::from_secs(10);
+/// How often a waiting task looks at its member.
+const TASK_TICK: Duration = Duration::from_millis(50);
+
+/// The group members of this replica, one per pipeline source.
+#[derive(Default)]
+pub struct Members {
+    members: Mutex<HashMap<String, Arc<Member>>>,
+    /// The reading loops, so that a shutdown can wait for them to leave their groups.
+    loops: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// Offsets bronze holds per owned partition (topic, then partition; `None`: nothing yet).
+type Owned = BTreeMap<String, BTreeMap<i32, Option<i64>>>;
+
+/// What the reading loop, the rebalance callback and waiting tasks share.
+struct Member {
+    /// The source's settings the member was started with; another spec starts another member.
+    fingerprint: String,
+    state: Mutex<State>,
+    /// When the member started; the clock of `last_message_ms`.
+    epoch: Instant,
+    /// Milliseconds after `epoch` the last message was received (written once per message).
+    last_message_ms: AtomicU64,
+    /// Whether the loop holds rows (or tombstones) it has not committed.
+    pending: AtomicBool,
+    /// `State::generation`, readable without the lock (the loop checks it per message).
+    generation: AtomicU64,
+    stop: CancellationToken,
+}
+
+struct State {
+    owned: Owned,
+    /// Bumped on every assignment and revocation.
+    generation: u64,
+    /// When the partitions were last assigned (`None`: not yet, or revoked since).
+    assigned_at: Option<Instant>,
+    /// Rows committed by this member, and its commits.
+    committed_rows: u64,
+    commits: u64,
+    /// `committed_rows` and `commits` when a task last reported them: the next task reports
+    /// what was committed since, between tasks included.
+    reported: (u64, u64),
+    last_outcome: Option<CommitOutcome>,
+    /// The run of the task that asked last: its id tags the commits.
+    tag: CommitTag,
+    last_asked: Instant,
+    /// Why the member stopped, if it failed.
+    failed: Option<String>,
+    /// The last error librdkafka reported (it retries on its own).
+    last_error: Option<String>,
+    stopped: bool,
+}
+
+impl Member {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic elsewhere must not wedge the source: the state stays usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn since_epoch(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn fail(&self, why: String) {
+        tracing::warn!(error = %why, "Kafka group member stopped");
+        let mut state = self.lock();
+        state.failed.get_or_insert(why);
+        state.stopped = true;
+        self.stop.cancel();
+    }
+}
+
+/// The consumer's context: repositions every assigned partition at the offsets in bronze.
+struct GroupContext {
+    lake: Lake,
+    name: String,
+    member: Arc<Member>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let partitions: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
+                // The callback runs inside the reading loop's poll; bronze is read right here
+                // so that no message of the new assignment is fetched from a wrong offset.
+                let stored = tokio::task::block_in_place(|| {
+                    self.runtime
+                        .block_on(stored_offsets(&self.lake, &self.name, &partitions))
+                });
+                let owned = match stored {
+                    Ok(owned) => owned,
+                    Err(e) => {
+                        let _ = consumer.unassign();
+                        self.member.fail(format!(
+                            "source `{}`: reading offsets from bronze: {e}",
+                            self.name
+                        ));
+                        return;
+                    }
+                };
+                for (topic, partitions) in &owned {
+                    for (partition, offset) in partitions {
+                        let start = offset.map_or(Offset::Beginning, |o| Offset::Offset(o + 1));
+                        let _ = tpl.set_partition_offset(topic, *partition, start);
+                    }
+                }
+                if let Err(e) = consumer.assign(tpl) {
+                    self.member
+                        .fail(format!("source `{}`: assigning partitions: {e}", self.name));
+                    return;
+                }
+                tracing::info!(source = %self.name, partitions = partitions.len(), ?owned, "partitions assigned");
+                let mut state = self.member.lock();
+                state.owned = owned;
+                state.generation += 1;
+                state.assigned_at = Some(Instant::now());
+                self.member
+                    .generation
+                    .store(state.generation, Ordering::Release);
+            }
+            other => {
+                if other != RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
+                    tracing::warn!(source = %self.name, error = ?other, "rebalance failed; partitions released");
+                }
+                let _ = consumer.unassign();
+                tracing::info!(source = %self.name, "partitions revoked");
+                let mut state = self.member.lock();
+                state.owned.clear();
+                state.generation += 1;
+                // Until the next assignment the member cannot be caught up.
+                state.assigned_at = None;
+                self.member
+                    .generation
+                    .store(state.generation, Ordering::Release);
+            }
+        }
+    }
+}
+
+/// The offsets bronze holds for `partitions`, from its latest version.
+async fn stored_offsets(
+    lake: &Lake,
+    name: &str,
+    partitions: &[(String, i32)],
+) -> medallion_lake::Result<Owned> {
+    let snapshot = lake.snapshot(Layer::Bronze, name, None).await?;
+    let mut owned = Owned::new();
+    for (topic, partition) in partitions {
+        let offset = match &snapshot {
+            Some(s) => s.app_version(&kafka::app_id(topic, *partition)).await?,
+            None => None,
+        };
+        owned
+            .entry(topic.clone())
+            .or_default()
+            .insert(*partition, offset);
+    }
+    Ok(owned)
+}
+
+/// Settings that identify a member: a task with other settings starts a new one.
+fn fingerprint(task: &TaskRequest, name: &str, kafka: &KafkaSourceSpec) -> String {
+    format!(
+        "{}\u{1}{}",
+        kafka::group_id(task, name, kafka),
+        serde_json::to_string(kafka).unwrap_or_default()
+    )
+}
+
+impl Members {
+    /// The running member for the task's source, started if there is none (or the running one
+    /// stopped or has other settings).
+    fn member(
+        &self,
+        lake: &Lake,
+        task: &TaskRequest,
+        name: &str,
+        kafka: &KafkaSourceSpec,
+    ) -> Result<(Arc<Member>, bool), TaskError> {
+        let key = format!("{}/{name}", task.pipeline.spec.name);
+        let fingerprint = fingerprint(task, name, kafka);
+        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(member) = members.get(&key) {
+            let state = member.lock();
+            if !state.stopped && !member.stop.is_cancelled() && member.fingerprint == fingerprint {
+                return Ok((member.clone(), false));
+            }
+            if let Some(why) = &state.failed {
+                tracing::info!(source = name, previous = %why, "starting a new group member");
+            }
+            drop(state);
+            member.stop.cancel();
+        }
+        let (member, reading) = start(lake, task, name, kafka, fingerprint)?;
+        members.insert(key, member.clone());
+        let mut loops = self.loops.lock().unwrap_or_else(|p| p.into_inner());
+        loops.retain(|l| !l.is_finished());
+        loops.push(reading);
+        Ok((member, true))
+    }
+
+    /// Stops every member and waits (at most `wait`) for them to leave their groups, so that
+    /// the partitions move to the other replicas at once rather than after a session timeout.
+    pub async fn leave_all(&self, wait: Duration) {
+        for member in self
+            .members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            member.stop.cancel();
+        }
+        let loops = std::mem::take(&mut *self.loops.lock().unwrap_or_else(|p| p.into_inner()));
+        if loops.is_empty() {
+            return;
+        }
+        tracing::info!(members = loops.len(), "leaving Kafka consumer groups");
+        let _ = tokio::time::timeout(wait, futures::future::join_all(loops)).await;
+    }
+
+    /// Stops this replica's member for the task's source, if any (before a full refresh).
+    pub fn stop(&self, task: &TaskRequest, name: &str) {
+        let key = format!("{}/{name}", task.pipeline.spec.name);
+        let members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(member) = members.get(&key) {
+            member.stop.cancel();
+        }
+    }
+}
+
+fn start(
+    lake: &Lake,
+    task: &TaskRequest,
+    name: &str,
+    kafka: &KafkaSourceSpec,
+    fingerprint: String,
+) -> Result<(Arc<Member>, tokio::task::JoinHandle<()>), TaskError> {
+    if kafka.settings.iter().any(|(k, v)| {
+        k == "partition.assignment.strategy" && v.to_ascii_lowercase().contains("cooperative")
+    }) {
+        return Err(TaskError::Invalid(format!(
+            "source `{name}`: kafka.settings.partition.assignment.strategy: cooperative assignment is not supported (every rebalance repositions all partitions at bronze's offsets); use range or roundrobin"
+        )));
+    }
+    let mut config = kafka::client_config(task, name, kafka)?;
+    // A member that stalls this long loses its partitions; its next commit is then refused.
+    for (key, value) in [
+        ("session.timeout.ms", "10000"),
+        ("heartbeat.interval.ms", "1000"),
+        ("max.poll.interval.ms", "300000"),
+    ] {
+        if !kafka.settings.contains_key(key) {
+            config.set(key, value);
+        }
+    }
+    let member = Arc::new(Member {
+        fingerprint,
+        state: Mutex::new(State {
+            owned: Owned::new(),
+            generation: 0,
+            assigned_at: None,
+            committed_rows: 0,
+            commits: 0,
+            reported: (0, 0),
+            last_outcome: None,
+            tag: CommitTag::of(task),
+            last_asked: Instant::now(),
+            failed: None,
+            last_error: None,
+            stopped: false,
+        }),
+        epoch: Instant::now(),
+        last_message_ms: AtomicU64::new(0),
+        pending: AtomicBool::new(false),
+        generation: AtomicU64::new(0),
+        stop: CancellationToken::new(),
+    });
+    let context = GroupContext {
+        lake: lake.clone(),
+        name: name.to_string(),
+        member: member.clone(),
+        runtime: tokio::runtime::Handle::current(),
+    };
+    let consumer: StreamConsumer<GroupContext> = config
+        .create_with_context(context)
+        .map_err(|e| TaskError::Invalid(format!("source `{name}`: Kafka client: {e}")))?;
+    let topics: Vec<&str> = kafka.topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|e| TaskError::Invalid(format!("source `{name}`: subscribe: {e}")))?;
+    tracing::info!(
+        source = name,
+        group = %kafka::group_id(task, name, kafka),
+        "joining the consumer group"
+    );
+    let legacy_check = lake.clone();
+    let reader = Reader {
+        lake: lake.clone(),
+        name: name.to_string(),
+        kafka: kafka.clone(),
+        member: member.clone(),
+    };
+    let reading = tokio::spawn(async move {
+        let legacy = match legacy_check
+            .snapshot(Layer::Bronze, &reader.name, None)
+            .await
+        {
+            Ok(snapshot) => kafka::is_legacy(snapshot.as_ref()),
+            Err(e) => {
+                reader
+                    .member
+                    .fail(format!("source `{}`: reading bronze: {e}", reader.name));
+                return;
+            }
+        };
+        let consumer = Arc::new(consumer);
+        reader.read(&consumer, legacy).await;
+        // Leaving the group waits for the broker; not on a runtime thread.
+        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+    });
+    Ok((member, reading))
+}
+
+/// The member's reading loop.
+struct Reader {
+    lake: Lake,
+    name: String,
+    kafka: KafkaSourceSpec,
+    member: Arc<Member>,
+}
+
+impl Reader {
+    async fn read(&self, consumer: &StreamConsumer<GroupContext>, legacy: bool) {
+        let member = &self.member;
+        let options = debezium::Options::of(&self.kafka);
+        let idle = Duration::from_millis(self.kafka.idle_ms);
+        let max_age = if self.kafka.max_task_ms > 0 {
+            Duration::from_millis(self.kafka.max_task_ms)
+        } else {
+            BATCH_AGE
+        };
+        let mut batch = BatchBuilder::new();
+        let mut batch_started: Option<Instant> = None;
+        let mut last_message = Instant::now();
+        let (mut generation, mut owned) = (0u64, Owned::new());
+        loop {
+            let now = Instant::now();
+            // Wake up for the batch's idle or age deadline, else now and then to look around.
+            let wait = match batch_started {
+                Some(started) => (last_message + idle)
+                    .min(started + max_age)
+                    .saturating_duration_since(now),
+                None => Duration::from_secs(1),
+            };
+            let message = tokio::select! {
+                m = consumer.recv() => Some(m),
+                _ = tokio::time::sleep(wait) => None,
+                _ = member.stop.cancelled() => break,
+            };
+            // A rebalance runs inside `recv`: rows read before it may be of partitions this
+            // member no longer owns, and every partition was repositioned at bronze's offsets.
+            if member.generation.load(Ordering::Acquire) != generation {
+                let state = member.lock();
+                generation = state.generation;
+                owned = state.owned.clone();
+                drop(state);
+                if !batch.last.is_empty() {
+                    tracing::info!(source = %self.name, rows = batch.rows, "rebalanced: dropping uncommitted rows, read again from bronze's offsets");
+                    batch = BatchBuilder::new();
+                    batch_started = None;
+                    member.pending.store(false, Ordering::Release);
+                }
+            }
+            match message {
+                Some(Ok(message)) => {
+                    let stored = owned
+                        .get(message.topic())
+                        .and_then(|p| p.get(&message.partition()));
+                    // A message of a partition not owned, or one bronze already holds, is a
+                    // leftover of an earlier assignment.
+                    if let Some(stored) = stored
+                        && stored.is_none_or(|s| message.offset() > s)
+                    {
+                        batch.push(&message, &options);
+                        last_message = Instant::now();
+                        member
+                            .last_message_ms
+                            .store(member.since_epoch(), Ordering::Release);
+                        if batch_started.is_none() {
+                            batch_started = Some(last_message);
+                            member.pending.store(true, Ordering::Release);
+                        }
+                    }
+                }
+                Some(Err(e @ rdkafka::error::KafkaError::MessageConsumptionFatal(_))) => {
+                    member.fail(format!("source `{}`: reading Kafka: {e}", self.name));
+                    return;
+                }
+                // librdkafka recovers from the rest (a broker restarting, say) on its own,
+                // keeping the member in its group.
+                Some(Err(e)) => {
+                    let error = e.to_string();
+                    let mut state = member.lock();
+                    if state.last_error.as_ref() != Some(&error) {
+                        tracing::warn!(source = %self.name, %error, "reading Kafka");
+                        state.last_error = Some(error);
+                    }
+                }
+                None => {}
+            }
+            let now = Instant::now();
+            let due = batch_started.is_some_and(|started| {
+                batch.rows >= self.kafka.max_batch_rows
+                    || now >= last_message + idle
+                    || now >= started + max_age
+            });
+            if due {
+                if let Err(e) = self.commit(&mut batch, &mut owned, legacy).await {
+                    member.fail(e.to_string());
+                    return;
+                }
+                batch_started = None;
+                member.pending.store(false, Ordering::Release);
+            }
+            if batch_started.is_none() && member.lock().last_asked.elapsed() >= MEMBER_IDLE {
+                tracing::info!(source = %self.name, "no task asked for this source lately; leaving the group");
+                break;
+            }
+        }
+        member.lock().stopped = true;
+    }
+
+    /// Commits the batch, continuing from the offsets this member holds for its partitions.
+    async fn commit(
+        &self,
+        batch: &mut BatchBuilder,
+        owned: &mut Owned,
+        legacy: bool,
+    ) -> Result<(), TaskError> {
+        let member = &self.member;
+        let mut expected = Vec::new();
+        for (topic, partitions) in &batch.last {
+            for partition in partitions.keys() {
+                let stored = owned
+                    .get(topic)
+                    .and_then(|p| p.get(partition))
+                    .copied()
+                    .flatten();
+                expected.push((kafka::app_id(topic, *partition), stored));
+            }
+        }
+        let last = batch.last.clone();
+        let rows = batch.rows as u64;
+        let tag = member.lock().tag.clone();
+        let outcome =
+            kafka::commit(&self.lake, &tag, &self.name, batch, false, legacy, expected).await?;
+        if let CommitOutcome::AlreadyCommitted { .. } = outcome {
+            // Another reader committed these partitions' offsets: they are no longer ours.
+            return Err(TaskError::Internal(format!(
+                "source `{}`: another reader committed these partitions' offsets; rejoining",
+                self.name
+            )));
+        }
+        for (topic, partitions) in last {
+            let entry = owned.entry(topic).or_default();
+            for (partition, offset) in partitions {
+                entry.insert(partition, Some(offset));
+            }
+        }
+        let mut state = member.lock();
+        // The shared view follows, unless a rebalance replaced it meanwhile.
+        for (topic, partitions) in owned.iter() {
+            if let Some(shared) = state.owned.get_mut(topic) {
+                for (partition, offset) in partitions {
+                    if let Some(slot) = shared.get_mut(partition) {
+                        *slot = *offset;
+                    }
+                }
+            }
+        }
+        state.committed_rows += rows;
+        state.commits += 1;
+        state.last_outcome = Some(outcome);
+        Ok(())
+    }
+}
+
+/// One bronze task of a Kafka source: wait for this replica's group member to catch up, then
+/// report the table.
+pub async fn run(
+    members: &Members,
+    lake: &Lake,
+    task: &TaskRequest,
+    name: &str,
+    kafka: &KafkaSourceSpec,
+    progress: &Progress,
+    cancel: &CancellationToken,
+) -> Result<Manifest, TaskError> {
+    let (member, new) = members.member(lake, task, name, kafka)?;
+    if new {
+        // A topic the brokers do not know would only show as no partitions: say so.
+        let probe: BaseConsumer = kafka::client_config(task, name, kafka)?
+            .create()
+            .map_err(|e| TaskError::Invalid(format!("source `{name}`: Kafka client: {e}")))?;
+        if let Err(e) = kafka::topic_partitions(Arc::new(probe), name, kafka).await {
+            member.stop.cancel();
+            return Err(e);
+        }
+    }
+    {
+        let mut state = member.lock();
+        state.tag = CommitTag::of(task);
+        state.last_asked = Instant::now();
+    }
+    let started = Instant::now();
+    let idle = Duration::from_millis(kafka.idle_ms);
+    let budget = (kafka.max_task_ms > 0).then(|| Duration::from_millis(kafka.max_task_ms));
+    progress.report("joining the consumer group", 0, 0, true);
+    let mut reported_rows = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(TASK_TICK) => {}
+            _ = cancel.cancelled() => return Err(TaskError::Cancelled),
+        }
+        let now = Instant::now();
+        let state = member.lock();
+        if let Some(why) = &state.failed {
+            return Err(TaskError::Internal(why.clone()));
+        }
+        if state.stopped {
+            return Err(TaskError::Internal(format!(
+                "source `{name}`: the group member stopped (a full refresh or a new spec); retry"
+            )));
+        }
+        let rows = state.committed_rows - state.reported.0;
+        if reported_rows != Some(rows) {
+            reported_rows = Some(rows);
+            let commits = state.commits - state.reported.1;
+            progress.report(&format!("{commits} commits"), rows, 0, false);
+        }
+        let Some(assigned_at) = state.assigned_at else {
+            if started.elapsed() >= JOIN_WAIT {
+                let last = state
+                    .last_error
+                    .as_deref()
+                    .map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default();
+                return Err(TaskError::Internal(format!(
+                    "source `{name}`: the consumer group assigned no partitions within {}s (is the broker's group coordinator reachable?){last}",
+                    JOIN_WAIT.as_secs()
+                )));
+            }
+            continue;
+        };
+        drop(state);
+        // Caught up: nothing uncommitted and no message since the task began (or since a
+        // fresh assignment's first fetch could have arrived) for `idle_ms`.
+        let last_message =
+            member.epoch + Duration::from_millis(member.last_message_ms.load(Ordering::Acquire));
+        let quiet_from = last_message
+            .max(started)
+            .max(assigned_at + FIRST_WAIT.saturating_sub(idle));
+        let caught_up = !member.pending.load(Ordering::Acquire) && now >= quiet_from + idle;
+        if caught_up || budget.is_some_and(|b| started.elapsed() >= b) {
+            break;
+        }
+    }
+    let (rows, commits, last_outcome, owned) = {
+        let mut state = member.lock();
+        let (rows, commits) = (
+            state.committed_rows - state.reported.0,
+            state.commits - state.reported.1,
+        );
+        state.reported = (state.committed_rows, state.commits);
+        (
+            rows,
+            commits,
+            state.last_outcome.clone(),
+            state.owned.clone(),
+        )
+    };
+    let snapshot = lake
+        .snapshot(Layer::Bronze, name, None)
+        .await
+        .map_err(TaskError::internal)?;
+    let mut manifest = match (snapshot, last_outcome) {
+        (Some(_), Some(outcome)) if commits > 0 => {
+            let mut manifest = Manifest::after_commit(lake, &task.table, &outcome).await?;
+            manifest.committed = true;
+            manifest.rows_written = rows;
+            manifest
+        }
+        (Some(snapshot), _) => Manifest::of_snapshot(&snapshot, false),
+        // Nothing to read yet: an empty table, so downstream tables have their input.
+        (None, _) => {
+            kafka::create_empty(lake, task, name, medallion_lake::WriteMode::Append).await?
+        }
+    };
+    let mut assignment = TopicPartitionList::new();
+    for (topic, partitions) in &owned {
+        for (partition, offset) in partitions {
+            let start = offset.map_or(Offset::Beginning, |o| Offset::Offset(o + 1));
+            let _ = assignment.add_partition_offset(topic, *partition, start);
+        }
+    }
+    manifest.source_lag = partition_lag(kafka, task, name, assignment).await;
+    Ok(manifest)
+}
+
+/// Messages the member's partitions hold beyond what bronze holds, asked through a short-lived
+/// client (the member's own consumer belongs to its reading loop).
+async fn partition_lag(
+    kafka: &KafkaSourceSpec,
+    task: &TaskRequest,
+    name: &str,
+    assignment: TopicPartitionList,
+) -> Option<u64> {
+    if assignment.count() == 0 {
+        return Some(0);
+    }
+    let consumer: BaseConsumer = kafka::client_config(task, name, kafka)
+        .ok()?
+        .create()
+        .ok()?;
+    kafka::source_lag(Arc::new(consumer), assignment).await
+}
