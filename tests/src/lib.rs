@@ -445,6 +445,12 @@ impl Cluster {
             .retain(|(svc, r, _)| !(*svc == s && *r == replica));
     }
 
+    /// Starts one replica again (after [`Cluster::kill_replica`]), on its old port.
+    pub async fn restart_replica(&mut self, s: Service, replica: usize) -> anyhow::Result<()> {
+        self.spawn_replica(s, replica)?;
+        self.wait_replica_healthy(s, replica).await
+    }
+
     pub async fn restart(&mut self, s: Service) -> anyhow::Result<()> {
         self.spawn_replica(s, 0)?;
         self.wait_healthy(s).await

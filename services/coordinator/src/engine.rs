@@ -928,8 +928,8 @@ impl Engine {
                 self.call_stage(run_id, table, request, channel.clone(), cancel)
             });
         let mut merged: Option<pb::TaskManifest> = None;
-        for manifest in futures::future::join_all(calls).await {
-            let m = manifest?;
+        // The first failure ends the task (and drops the other calls, which cancels them).
+        for m in futures::future::try_join_all(calls).await? {
             merged = Some(match merged {
                 None => m,
                 Some(mut acc) => {

@@ -32,6 +32,8 @@ use crate::kafka::{self, BatchBuilder, CommitTag, FIRST_WAIT};
 
 /// A member that no task asked for this long leaves the group.
 pub const MEMBER_IDLE: Duration = Duration::from_secs(120);
+/// How long stopping a member waits for its loop to end (a commit in flight, leaving the group).
+const LEAVE_WAIT: Duration = Duration::from_secs(15);
 /// How long a task waits for the group to assign partitions before failing.
 const JOIN_WAIT: Duration = Duration::from_secs(60);
 /// With no `max_task_ms`, the longest a micro-batch stays uncommitted while messages keep coming.
@@ -40,11 +42,10 @@ const BATCH_AGE: Duration = Duration::from_secs(10);
 const TASK_TICK: Duration = Duration::from_millis(50);
 
 /// The group members of this replica, one per pipeline source.
-#[derive(Default)]
 pub struct Members {
-    members: Mutex<HashMap<String, Arc<Member>>>,
-    /// The reading loops, so that a shutdown can wait for them to leave their groups.
-    loops: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The replica's static group identity (empty: dynamic membership).
+    instance: String,
+    members: tokio::sync::Mutex<HashMap<String, Running>>,
 }
 
 /// Offsets bronze holds per owned partition (topic, then partition; `None`: nothing yet).
@@ -72,6 +73,8 @@ struct State {
     generation: u64,
     /// When the partitions were last assigned (`None`: not yet, or revoked since).
     assigned_at: Option<Instant>,
+    /// Since when the member has had no assignment (its start, or the last revocation).
+    unassigned_since: Instant,
     /// Rows committed by this member, and its commits.
     committed_rows: u64,
     commits: u64,
@@ -180,6 +183,7 @@ impl ConsumerContext for GroupContext {
                 state.generation += 1;
                 // Until the next assignment the member cannot be caught up.
                 state.assigned_at = None;
+                state.unassigned_since = Instant::now();
                 self.member
                     .generation
                     .store(state.generation, Ordering::Release);
@@ -218,63 +222,108 @@ fn fingerprint(task: &TaskRequest, name: &str, kafka: &KafkaSourceSpec) -> Strin
     )
 }
 
+/// The host name and the listen port: unique among replicas, and kept across a restart of the
+/// same replica (a Kubernetes pod keeps its name when its container restarts).
+pub fn default_instance_id(listen: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "ingestor".into());
+    let port = listen.rsplit(':').next().unwrap_or_default();
+    format!("{host}:{port}")
+}
+
 impl Members {
+    pub fn new(instance: String) -> Members {
+        Members {
+            instance,
+            members: tokio::sync::Mutex::default(),
+        }
+    }
+
     /// The running member for the task's source, started if there is none (or the running one
-    /// stopped or has other settings).
-    fn member(
+    /// stopped or has other settings, in which case it is first stopped and awaited, so that
+    /// two members of one replica never read the same source).
+    async fn member(
         &self,
         lake: &Lake,
         task: &TaskRequest,
         name: &str,
         kafka: &KafkaSourceSpec,
     ) -> Result<(Arc<Member>, bool), TaskError> {
-        let key = format!("{}/{name}", task.pipeline.spec.name);
+        let key = member_key(task, name);
         let fingerprint = fingerprint(task, name, kafka);
-        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(member) = members.get(&key) {
-            let state = member.lock();
-            if !state.stopped && !member.stop.is_cancelled() && member.fingerprint == fingerprint {
-                return Ok((member.clone(), false));
+        let mut members = self.members.lock().await;
+        if let Some(running) = members.remove(&key) {
+            {
+                let state = running.member.lock();
+                if !state.stopped
+                    && !running.member.stop.is_cancelled()
+                    && running.member.fingerprint == fingerprint
+                {
+                    drop(state);
+                    let member = running.member.clone();
+                    members.insert(key, running);
+                    return Ok((member, false));
+                }
+                if let Some(why) = &state.failed {
+                    tracing::info!(source = name, previous = %why, "starting a new group member");
+                }
             }
-            if let Some(why) = &state.failed {
-                tracing::info!(source = name, previous = %why, "starting a new group member");
-            }
-            drop(state);
-            member.stop.cancel();
+            running.stop().await;
         }
-        let (member, reading) = start(lake, task, name, kafka, fingerprint)?;
-        members.insert(key, member.clone());
-        let mut loops = self.loops.lock().unwrap_or_else(|p| p.into_inner());
-        loops.retain(|l| !l.is_finished());
-        loops.push(reading);
+        let instance = (!self.instance.is_empty()).then(|| format!("{}/{key}", self.instance));
+        let running = start(lake, task, name, kafka, fingerprint, instance)?;
+        let member = running.member.clone();
+        members.insert(key, running);
         Ok((member, true))
     }
 
-    /// Stops every member and waits (at most `wait`) for them to leave their groups, so that
-    /// the partitions move to the other replicas at once rather than after a session timeout.
-    pub async fn leave_all(&self, wait: Duration) {
-        for member in self
-            .members
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-        {
-            member.stop.cancel();
-        }
-        let loops = std::mem::take(&mut *self.loops.lock().unwrap_or_else(|p| p.into_inner()));
-        if loops.is_empty() {
+    /// Stops every member and waits for each to leave its group.
+    pub async fn leave_all(&self) {
+        let members: Vec<Running> = self.members.lock().await.drain().map(|(_, r)| r).collect();
+        if members.is_empty() {
             return;
         }
-        tracing::info!(members = loops.len(), "leaving Kafka consumer groups");
-        let _ = tokio::time::timeout(wait, futures::future::join_all(loops)).await;
+        tracing::info!(members = members.len(), "leaving Kafka consumer groups");
+        futures::future::join_all(members.into_iter().map(Running::stop)).await;
     }
 
-    /// Stops this replica's member for the task's source, if any (before a full refresh).
-    pub fn stop(&self, task: &TaskRequest, name: &str) {
-        let key = format!("{}/{name}", task.pipeline.spec.name);
-        let members = self.members.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(member) = members.get(&key) {
-            member.stop.cancel();
+    /// Stops this replica's member for the task's source, if any, and waits for it (before a
+    /// full refresh, so that it commits nothing more).
+    pub async fn stop(&self, task: &TaskRequest, name: &str) {
+        let running = self.members.lock().await.remove(&member_key(task, name));
+        if let Some(running) = running {
+            running.stop().await;
+        }
+    }
+}
+
+fn member_key(task: &TaskRequest, name: &str) -> String {
+    format!("{}/{name}", task.pipeline.spec.name)
+}
+
+/// A member and its reading loop.
+struct Running {
+    member: Arc<Member>,
+    reading: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops the loop and waits for it (at most [`LEAVE_WAIT`]): an in-flight commit lands or
+    /// fails before this returns, and the consumer has left its group.
+    async fn stop(self) {
+        self.member.stop.cancel();
+        if tokio::time::timeout(LEAVE_WAIT, self.reading)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "a Kafka group member did not stop within {}s",
+                LEAVE_WAIT.as_secs()
+            );
         }
     }
 }
@@ -285,7 +334,8 @@ fn start(
     name: &str,
     kafka: &KafkaSourceSpec,
     fingerprint: String,
-) -> Result<(Arc<Member>, tokio::task::JoinHandle<()>), TaskError> {
+    instance: Option<String>,
+) -> Result<Running, TaskError> {
     if kafka.settings.iter().any(|(k, v)| {
         k == "partition.assignment.strategy" && v.to_ascii_lowercase().contains("cooperative")
     }) {
@@ -294,6 +344,11 @@ fn start(
         )));
     }
     let mut config = kafka::client_config(task, name, kafka)?;
+    if let Some(instance) = &instance
+        && !kafka.settings.contains_key("group.instance.id")
+    {
+        config.set("group.instance.id", instance);
+    }
     // A member that stalls this long loses its partitions; its next commit is then refused.
     for (key, value) in [
         ("session.timeout.ms", "10000"),
@@ -310,6 +365,7 @@ fn start(
             owned: Owned::new(),
             generation: 0,
             assigned_at: None,
+            unassigned_since: Instant::now(),
             committed_rows: 0,
             commits: 0,
             reported: (0, 0),
@@ -352,24 +408,42 @@ fn start(
         member: member.clone(),
     };
     let reading = tokio::spawn(async move {
-        let legacy = match legacy_check
+        let _stopped = StopGuard(reader.member.clone());
+        let consumer = Arc::new(consumer);
+        match legacy_check
             .snapshot(Layer::Bronze, &reader.name, None)
             .await
         {
-            Ok(snapshot) => kafka::is_legacy(snapshot.as_ref()),
-            Err(e) => {
+            Ok(snapshot) => {
                 reader
-                    .member
-                    .fail(format!("source `{}`: reading bronze: {e}", reader.name));
-                return;
+                    .read(&consumer, kafka::is_legacy(snapshot.as_ref()))
+                    .await
             }
-        };
-        let consumer = Arc::new(consumer);
-        reader.read(&consumer, legacy).await;
+            Err(e) => reader
+                .member
+                .fail(format!("source `{}`: reading bronze: {e}", reader.name)),
+        }
         // Leaving the group waits for the broker; not on a runtime thread.
         let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
     });
-    Ok((member, reading))
+    Ok(Running { member, reading })
+}
+
+/// Marks the member stopped when its loop ends, however it ends (a panic included), so that
+/// the next task starts a new one instead of waiting on a dead loop.
+struct StopGuard(Arc<Member>);
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.stopped = true;
+        if std::thread::panicking() {
+            state
+                .failed
+                .get_or_insert_with(|| "the Kafka reading loop panicked".into());
+        }
+        self.0.stop.cancel();
+    }
 }
 
 /// The member's reading loop.
@@ -473,12 +547,16 @@ impl Reader {
                 batch_started = None;
                 member.pending.store(false, Ordering::Release);
             }
-            if batch_started.is_none() && member.lock().last_asked.elapsed() >= MEMBER_IDLE {
-                tracing::info!(source = %self.name, "no task asked for this source lately; leaving the group");
-                break;
+            if batch_started.is_none() {
+                // Decided under the lock, so that no task starts waiting on a leaving member.
+                let mut state = member.lock();
+                if state.last_asked.elapsed() >= MEMBER_IDLE {
+                    state.stopped = true;
+                    tracing::info!(source = %self.name, "no task asked for this source lately; leaving the group");
+                    break;
+                }
             }
         }
-        member.lock().stopped = true;
     }
 
     /// Commits the batch, continuing from the offsets this member holds for its partitions.
@@ -503,12 +581,22 @@ impl Reader {
         let last = batch.last.clone();
         let rows = batch.rows as u64;
         let tag = member.lock().tag.clone();
-        let outcome =
-            kafka::commit(&self.lake, &tag, &self.name, batch, false, legacy, expected).await?;
+        let outcome = kafka::commit(
+            &self.lake,
+            &tag,
+            &self.name,
+            batch,
+            kafka::CommitOptions {
+                legacy,
+                expected,
+                ..Default::default()
+            },
+        )
+        .await?;
         if let CommitOutcome::AlreadyCommitted { .. } = outcome {
             // Another reader committed these partitions' offsets: they are no longer ours.
             return Err(TaskError::Internal(format!(
-                "source `{}`: another reader committed these partitions' offsets; rejoining",
+                "source `{}`: another reader committed these partitions' offsets; this member stops and the next task starts a new one",
                 self.name
             )));
         }
@@ -547,7 +635,7 @@ pub async fn run(
     progress: &Progress,
     cancel: &CancellationToken,
 ) -> Result<Manifest, TaskError> {
-    let (member, new) = members.member(lake, task, name, kafka)?;
+    let (member, new) = members.member(lake, task, name, kafka).await?;
     if new {
         // A topic the brokers do not know would only show as no partitions: say so.
         let probe: BaseConsumer = kafka::client_config(task, name, kafka)?
@@ -574,13 +662,15 @@ pub async fn run(
             _ = cancel.cancelled() => return Err(TaskError::Cancelled),
         }
         let now = Instant::now();
-        let state = member.lock();
+        let mut state = member.lock();
+        // A waiting task keeps the member from leaving as idle.
+        state.last_asked = now;
         if let Some(why) = &state.failed {
             return Err(TaskError::Internal(why.clone()));
         }
         if state.stopped {
             return Err(TaskError::Internal(format!(
-                "source `{name}`: the group member stopped (a full refresh or a new spec); retry"
+                "source `{name}`: the group member stopped while the task waited (a full refresh, a new spec or a shutdown); retry"
             )));
         }
         let rows = state.committed_rows - state.reported.0;
@@ -590,7 +680,7 @@ pub async fn run(
             progress.report(&format!("{commits} commits"), rows, 0, false);
         }
         let Some(assigned_at) = state.assigned_at else {
-            if started.elapsed() >= JOIN_WAIT {
+            if started.elapsed().min(state.unassigned_since.elapsed()) >= JOIN_WAIT {
                 let last = state
                     .last_error
                     .as_deref()

@@ -311,7 +311,7 @@ impl TaskRunner for Ingestor {
         }
         if let Some(kafka) = &source.kafka {
             if task.full_refresh {
-                self.members.stop(&task, &source.name);
+                self.members.stop(&task, &source.name).await;
                 return crate::kafka::refresh(
                     &self.lake,
                     &task,

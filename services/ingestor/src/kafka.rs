@@ -299,6 +299,7 @@ pub async fn refresh(
             .add_partition_offset(topic, *partition, Offset::Beginning)
             .map_err(TaskError::internal)?;
     }
+    let all: Vec<String> = partitions.iter().map(|(t, p)| app_id(t, *p)).collect();
     let partitions = partitions.len();
     consumer
         .assign(&assignment)
@@ -315,6 +316,8 @@ pub async fn refresh(
     // The first fetch also waits for the connection and the partition leaders.
     let mut wait = idle.max(FIRST_WAIT);
     let mut overwrite = true;
+    // The offset this refresh last wrote per partition (its first commit writes them all).
+    let mut written: BTreeMap<String, i64> = BTreeMap::new();
     let mut last_outcome: Option<CommitOutcome> = None;
     let (mut total, mut commits) = (0u64, 0u64);
     let mut batch = BatchBuilder::new();
@@ -338,10 +341,52 @@ pub async fn refresh(
             None => true,
         };
         let full = batch.rows >= kafka.max_batch_rows;
-        if (done || full) && !batch.last.is_empty() {
+        // The first commit rewrites the table even when the topics are empty.
+        if (done || full) && (!batch.last.is_empty() || overwrite) {
             let rows = batch.rows as u64;
-            let outcome =
-                commit(lake, &tag, name, &mut batch, overwrite, false, Vec::new()).await?;
+            let read: Vec<(String, i64)> = batch
+                .last
+                .iter()
+                .flat_map(|(t, ps)| ps.iter().map(|(p, o)| (app_id(t, *p), *o)))
+                .collect();
+            let options = if overwrite {
+                // Every partition's offset is rewritten, so that members of the consumer
+                // group holding older offsets are refused at their next commit; the primary
+                // transaction is this refresh's own, so an earlier one never hides it.
+                CommitOptions {
+                    overwrite: true,
+                    primary: Some((
+                        format!("kafka:{name}:refresh"),
+                        chrono::Utc::now().timestamp_micros(),
+                    )),
+                    unread: all
+                        .iter()
+                        .filter(|a| !read.iter().any(|(r, _)| r == *a))
+                        .map(|a| (a.clone(), -1))
+                        .collect(),
+                    ..CommitOptions::default()
+                }
+            } else {
+                // Continues from what this refresh wrote: a member that took a partition
+                // meanwhile makes this commit fail rather than both landing.
+                CommitOptions {
+                    expected: read
+                        .iter()
+                        .map(|(a, _)| (a.clone(), Some(written.get(a).copied().unwrap_or(-1))))
+                        .collect(),
+                    ..CommitOptions::default()
+                }
+            };
+            for (a, _) in &options.unread {
+                written.insert(a.clone(), -1);
+            }
+            let outcome = commit(lake, &tag, name, &mut batch, options).await?;
+            if let CommitOutcome::AlreadyCommitted { .. } = outcome {
+                return Err(TaskError::Internal(format!(
+                    "source `{name}`: another writer committed these partitions during the refresh; retry"
+                )));
+            }
+            written.extend(read);
             overwrite = false;
             total += rows;
             commits += 1;
@@ -353,16 +398,11 @@ pub async fn refresh(
         }
     }
     let source_lag = source_lag(consumer.clone(), assignment).await;
-    let mut manifest = match last_outcome {
-        Some(outcome) => {
-            // The manifest of the last commit, counting the rows of every commit of the task.
-            let mut manifest = Manifest::after_commit(lake, &task.table, &outcome).await?;
-            manifest.rows_written = total;
-            manifest
-        }
-        // The topics are empty: an empty table, so downstream tables have their input.
-        None => create_empty(lake, task, name, WriteMode::Overwrite).await?,
-    };
+    let outcome =
+        last_outcome.ok_or_else(|| TaskError::internal("the refresh committed nothing"))?;
+    // The manifest of the last commit, counting the rows of every commit of the task.
+    let mut manifest = Manifest::after_commit(lake, &task.table, &outcome).await?;
+    manifest.rows_written = total;
     manifest.source_lag = source_lag;
     Ok(manifest)
 }
@@ -456,7 +496,11 @@ pub(crate) async fn source_lag<C: Consumer + Send + Sync + 'static>(
 }
 
 fn commit_spec(tag: &CommitTag, mode: WriteMode, mut txns: Vec<(String, i64)>) -> CommitSpec {
-    let (app_id, txn_version) = txns.remove(0);
+    let (app_id, txn_version) = if txns.is_empty() {
+        (format!("kafka:{}", tag.table), 0)
+    } else {
+        txns.remove(0)
+    };
     let mut metadata = serde_json::Map::new();
     metadata.insert("run_id".into(), tag.run_id.clone().into());
     metadata.insert("pipeline".into(), tag.pipeline.clone().into());
@@ -471,18 +515,37 @@ fn commit_spec(tag: &CommitTag, mode: WriteMode, mut txns: Vec<(String, i64)>) -
     }
 }
 
-/// Commits the batch with the last offset of each partition it read. `expected` holds, for
-/// the partitions of the batch, the offset bronze must still hold for each (the commit is
-/// refused if another reader moved one).
+/// How a batch is committed.
+#[derive(Debug, Default)]
+pub(crate) struct CommitOptions {
+    /// Replace the table (the first commit of a full refresh).
+    pub overwrite: bool,
+    /// The table predates `row_schema`: leave the column out.
+    pub legacy: bool,
+    /// The offset bronze must still hold for each partition of the batch (the commit is
+    /// refused if another reader moved one).
+    pub expected: Vec<(String, Option<i64>)>,
+    /// The commit's own application transaction; default: the batch's first partition.
+    pub primary: Option<(String, i64)>,
+    /// More partition offsets to record (a refresh's partitions not read yet: -1).
+    pub unread: Vec<(String, i64)>,
+}
+
+/// Commits the batch with the last offset of each partition it read.
 pub(crate) async fn commit(
     lake: &Lake,
     tag: &CommitTag,
     name: &str,
     batch: &mut BatchBuilder,
-    overwrite: bool,
-    legacy: bool,
-    expected: Vec<(String, Option<i64>)>,
+    options: CommitOptions,
 ) -> Result<CommitOutcome, TaskError> {
+    let CommitOptions {
+        overwrite,
+        legacy,
+        expected,
+        primary,
+        unread,
+    } = options;
     let mut rows = batch.finish(chrono::Utc::now().timestamp_micros(), &tag.run_id)?;
     if legacy && !overwrite {
         let keep: Vec<usize> = (0..rows.num_columns())
@@ -490,14 +553,17 @@ pub(crate) async fn commit(
             .collect();
         rows = rows.project(&keep).map_err(TaskError::internal)?;
     }
-    let txns: Vec<(String, i64)> = std::mem::take(&mut batch.last)
-        .into_iter()
-        .flat_map(|(topic, partitions)| {
-            partitions
-                .into_iter()
-                .map(move |(partition, offset)| (app_id(&topic, partition), offset))
-        })
-        .collect();
+    let mut txns: Vec<(String, i64)> = primary.into_iter().collect();
+    txns.extend(
+        std::mem::take(&mut batch.last)
+            .into_iter()
+            .flat_map(|(topic, partitions)| {
+                partitions
+                    .into_iter()
+                    .map(move |(partition, offset)| (app_id(&topic, partition), offset))
+            }),
+    );
+    txns.extend(unread);
     let mut writer = lake
         .writer(Layer::Bronze, name, rows.schema())
         .await

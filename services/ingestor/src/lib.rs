@@ -30,6 +30,11 @@ pub struct Config {
     /// Lake root: a local folder, a file:// URL or s3://bucket/prefix.
     #[arg(long, env = "MEDALLION_LAKE", default_value = "./.medallion/lake")]
     pub lake: String,
+    /// This replica's identity in Kafka consumer groups (static membership): a replica that
+    /// restarts under the same identity takes its partitions back at once, with no rebalance.
+    /// Default: the host name and the listen port. Empty: dynamic membership.
+    #[arg(long, env = "MEDALLION_INGESTOR_INSTANCE_ID")]
+    pub instance_id: Option<String>,
     /// Tasks this replica runs at once (each holds its tables in memory); more wait their turn.
     #[arg(long, env = "MEDALLION_INGESTOR_MAX_TASKS", default_value_t = 2)]
     pub max_tasks: usize,
@@ -46,7 +51,11 @@ pub struct Config {
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let lake = Lake::connect(&config.lake, &config.s3).await?;
     let listener = medallion_server::bind(&config.listen).await?;
-    let members = std::sync::Arc::new(group::Members::default());
+    let instance = config
+        .instance_id
+        .clone()
+        .unwrap_or_else(|| group::default_instance_id(&config.listen));
+    let members = std::sync::Arc::new(group::Members::new(instance));
     let runner = ingest::Ingestor {
         lake: lake.clone(),
         s3: config.s3.clone(),
@@ -65,6 +74,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     )
     .await?;
     // Leaving the consumer groups hands this replica's partitions to the others right away.
-    members.leave_all(std::time::Duration::from_secs(10)).await;
+    members.leave_all().await;
     Ok(())
 }
