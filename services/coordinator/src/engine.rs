@@ -1038,10 +1038,9 @@ fn active_run(state: &State, pipeline: &str) -> Option<String> {
 }
 
 /// For a Kafka source's bronze task, which its consumer group reads: the most ingestor
-/// replicas to call (`None` for every other task, and for a full refresh, which one reader
-/// does alone).
+/// replicas to call (`None` for every other task).
 fn group_readers(table: &TableRef, request: &pb::RunTaskRequest) -> Option<usize> {
-    if table.layer != Layer::Bronze || request.full_refresh {
+    if table.layer != Layer::Bronze {
         return None;
     }
     let pipeline = Pipeline::parse(&request.spec_yaml).ok()?;

@@ -38,6 +38,8 @@ const LEAVE_WAIT: Duration = Duration::from_secs(15);
 const JOIN_WAIT: Duration = Duration::from_secs(60);
 /// With no `max_task_ms`, the longest a micro-batch stays uncommitted while messages keep coming.
 const BATCH_AGE: Duration = Duration::from_secs(10);
+/// How often an idle member checks whether a full refresh reset bronze.
+const EPOCH_CHECK: Duration = Duration::from_secs(1);
 /// How often a waiting task looks at its member.
 const TASK_TICK: Duration = Duration::from_millis(50);
 
@@ -71,10 +73,15 @@ struct State {
     owned: Owned,
     /// Bumped on every assignment and revocation.
     generation: u64,
-    /// When the partitions were last assigned (`None`: not yet, or revoked since).
+    /// When the partitions were last assigned or repositioned (`None`: not yet, or revoked
+    /// since).
     assigned_at: Option<Instant>,
     /// Since when the member has had no assignment (its start, or the last revocation).
     unassigned_since: Instant,
+    /// The source's last full refresh when the partitions were last positioned.
+    epoch: Option<i64>,
+    /// The change table predates `row_schema`.
+    legacy: bool,
     /// Rows committed by this member, and its commits.
     committed_rows: u64,
     commits: u64,
@@ -139,10 +146,10 @@ impl ConsumerContext for GroupContext {
                 // so that no message of the new assignment is fetched from a wrong offset.
                 let stored = tokio::task::block_in_place(|| {
                     self.runtime
-                        .block_on(stored_offsets(&self.lake, &self.name, &partitions))
+                        .block_on(positions(&self.lake, &self.name, &partitions))
                 });
-                let owned = match stored {
-                    Ok(owned) => owned,
+                let positions = match stored {
+                    Ok(positions) => positions,
                     Err(e) => {
                         let _ = consumer.unassign();
                         self.member.fail(format!(
@@ -152,10 +159,9 @@ impl ConsumerContext for GroupContext {
                         return;
                     }
                 };
-                for (topic, partitions) in &owned {
+                for (topic, partitions) in &positions.owned {
                     for (partition, offset) in partitions {
-                        let start = offset.map_or(Offset::Beginning, |o| Offset::Offset(o + 1));
-                        let _ = tpl.set_partition_offset(topic, *partition, start);
+                        let _ = tpl.set_partition_offset(topic, *partition, start_offset(*offset));
                     }
                 }
                 if let Err(e) = consumer.assign(tpl) {
@@ -163,9 +169,11 @@ impl ConsumerContext for GroupContext {
                         .fail(format!("source `{}`: assigning partitions: {e}", self.name));
                     return;
                 }
-                tracing::info!(source = %self.name, partitions = partitions.len(), ?owned, "partitions assigned");
+                tracing::info!(source = %self.name, partitions = partitions.len(), owned = ?positions.owned, "partitions assigned");
                 let mut state = self.member.lock();
-                state.owned = owned;
+                state.owned = positions.owned;
+                state.epoch = positions.epoch;
+                state.legacy = positions.legacy;
                 state.generation += 1;
                 state.assigned_at = Some(Instant::now());
                 self.member
@@ -192,12 +200,21 @@ impl ConsumerContext for GroupContext {
     }
 }
 
-/// The offsets bronze holds for `partitions`, from its latest version.
-async fn stored_offsets(
+/// Where a member's partitions start, read from bronze's latest version.
+struct Positions {
+    /// The offsets bronze holds for the partitions.
+    owned: Owned,
+    /// The source's last full refresh (see [`kafka::reset`]).
+    epoch: Option<i64>,
+    /// The table predates `row_schema`.
+    legacy: bool,
+}
+
+async fn positions(
     lake: &Lake,
     name: &str,
     partitions: &[(String, i32)],
-) -> medallion_lake::Result<Owned> {
+) -> medallion_lake::Result<Positions> {
     let snapshot = lake.snapshot(Layer::Bronze, name, None).await?;
     let mut owned = Owned::new();
     for (topic, partition) in partitions {
@@ -210,7 +227,27 @@ async fn stored_offsets(
             .or_default()
             .insert(*partition, offset);
     }
-    Ok(owned)
+    let epoch = match &snapshot {
+        Some(s) => s.app_version(&kafka::refresh_app_id(name)).await?,
+        None => None,
+    };
+    Ok(Positions {
+        owned,
+        epoch,
+        legacy: kafka::is_legacy(snapshot.as_ref()),
+    })
+}
+
+/// The source's last full refresh as bronze's latest version records it.
+async fn refresh_epoch(lake: &Lake, name: &str) -> medallion_lake::Result<Option<i64>> {
+    match lake.snapshot(Layer::Bronze, name, None).await? {
+        Some(s) => s.app_version(&kafka::refresh_app_id(name)).await,
+        None => Ok(None),
+    }
+}
+
+fn start_offset(stored: Option<i64>) -> Offset {
+    stored.map_or(Offset::Beginning, |o| Offset::Offset(o + 1))
 }
 
 /// Settings that identify a member: a task with other settings starts a new one.
@@ -290,15 +327,6 @@ impl Members {
         tracing::info!(members = members.len(), "leaving Kafka consumer groups");
         futures::future::join_all(members.into_iter().map(Running::stop)).await;
     }
-
-    /// Stops this replica's member for the task's source, if any, and waits for it (before a
-    /// full refresh, so that it commits nothing more).
-    pub async fn stop(&self, task: &TaskRequest, name: &str) {
-        let running = self.members.lock().await.remove(&member_key(task, name));
-        if let Some(running) = running {
-            running.stop().await;
-        }
-    }
 }
 
 fn member_key(task: &TaskRequest, name: &str) -> String {
@@ -366,6 +394,8 @@ fn start(
             generation: 0,
             assigned_at: None,
             unassigned_since: Instant::now(),
+            epoch: None,
+            legacy: false,
             committed_rows: 0,
             commits: 0,
             reported: (0, 0),
@@ -400,7 +430,6 @@ fn start(
         group = %kafka::group_id(task, name, kafka),
         "joining the consumer group"
     );
-    let legacy_check = lake.clone();
     let reader = Reader {
         lake: lake.clone(),
         name: name.to_string(),
@@ -410,19 +439,7 @@ fn start(
     let reading = tokio::spawn(async move {
         let _stopped = StopGuard(reader.member.clone());
         let consumer = Arc::new(consumer);
-        match legacy_check
-            .snapshot(Layer::Bronze, &reader.name, None)
-            .await
-        {
-            Ok(snapshot) => {
-                reader
-                    .read(&consumer, kafka::is_legacy(snapshot.as_ref()))
-                    .await
-            }
-            Err(e) => reader
-                .member
-                .fail(format!("source `{}`: reading bronze: {e}", reader.name)),
-        }
+        reader.read(&consumer).await;
         // Leaving the group waits for the broker; not on a runtime thread.
         let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
     });
@@ -455,7 +472,7 @@ struct Reader {
 }
 
 impl Reader {
-    async fn read(&self, consumer: &StreamConsumer<GroupContext>, legacy: bool) {
+    async fn read(&self, consumer: &StreamConsumer<GroupContext>) {
         let member = &self.member;
         let options = debezium::Options::of(&self.kafka);
         let idle = Duration::from_millis(self.kafka.idle_ms);
@@ -467,7 +484,8 @@ impl Reader {
         let mut batch = BatchBuilder::new();
         let mut batch_started: Option<Instant> = None;
         let mut last_message = Instant::now();
-        let (mut generation, mut owned) = (0u64, Owned::new());
+        let (mut generation, mut owned, mut legacy) = (0u64, Owned::new(), false);
+        let mut epoch_checked = Instant::now();
         loop {
             let now = Instant::now();
             // Wake up for the batch's idle or age deadline, else now and then to look around.
@@ -488,6 +506,7 @@ impl Reader {
                 let state = member.lock();
                 generation = state.generation;
                 owned = state.owned.clone();
+                legacy = state.legacy;
                 drop(state);
                 if !batch.last.is_empty() {
                     tracing::info!(source = %self.name, rows = batch.rows, "rebalanced: dropping uncommitted rows, read again from bronze's offsets");
@@ -540,12 +559,41 @@ impl Reader {
                     || now >= started + max_age
             });
             if due {
-                if let Err(e) = self.commit(&mut batch, &mut owned, legacy).await {
-                    member.fail(e.to_string());
-                    return;
+                match self.commit(&mut batch, &mut owned, legacy).await {
+                    Ok(None) => {}
+                    // Refused: the rows are dropped and every partition starts again at the
+                    // offsets bronze holds now.
+                    Ok(Some(why)) => {
+                        tracing::warn!(source = %self.name, %why, "commit refused; repositioning at bronze's offsets");
+                        batch = BatchBuilder::new();
+                        if let Err(e) = self.reposition(consumer, &mut owned, &mut legacy).await {
+                            member.fail(e);
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        member.fail(e.to_string());
+                        return;
+                    }
                 }
                 batch_started = None;
                 member.pending.store(false, Ordering::Release);
+            } else if batch_started.is_none() && epoch_checked.elapsed() >= EPOCH_CHECK {
+                // Idle: has a full refresh reset bronze since the partitions were positioned?
+                epoch_checked = Instant::now();
+                match refresh_epoch(&self.lake, &self.name).await {
+                    Ok(epoch) if epoch != member.lock().epoch => {
+                        tracing::info!(source = %self.name, ?epoch, "bronze was reset by a full refresh; reading the partitions again");
+                        if let Err(e) = self.reposition(consumer, &mut owned, &mut legacy).await {
+                            member.fail(e);
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(source = %self.name, error = %e, "reading bronze's refresh epoch")
+                    }
+                }
             }
             if batch_started.is_none() {
                 // Decided under the lock, so that no task starts waiting on a leaving member.
@@ -559,13 +607,60 @@ impl Reader {
         }
     }
 
+    /// Starts every owned partition again just after the offset bronze holds for it now.
+    async fn reposition(
+        &self,
+        consumer: &StreamConsumer<GroupContext>,
+        owned: &mut Owned,
+        legacy: &mut bool,
+    ) -> Result<(), String> {
+        let partitions: Vec<(String, i32)> = owned
+            .iter()
+            .flat_map(|(t, ps)| ps.keys().map(move |p| (t.clone(), *p)))
+            .collect();
+        let fresh = positions(&self.lake, &self.name, &partitions)
+            .await
+            .map_err(|e| format!("source `{}`: reading offsets from bronze: {e}", self.name))?;
+        for (topic, partitions) in &fresh.owned {
+            for (partition, offset) in partitions {
+                // librdkafka waits for the fetcher to take the new position.
+                tokio::task::block_in_place(|| {
+                    consumer.seek(
+                        topic,
+                        *partition,
+                        start_offset(*offset),
+                        Duration::from_secs(10),
+                    )
+                })
+                .map_err(|e| {
+                    format!(
+                        "source `{}`: seeking {topic} [{partition}] to bronze's offset: {e}",
+                        self.name
+                    )
+                })?;
+            }
+        }
+        *owned = fresh.owned.clone();
+        *legacy = fresh.legacy;
+        let mut state = self.member.lock();
+        state.owned = fresh.owned;
+        state.epoch = fresh.epoch;
+        state.legacy = fresh.legacy;
+        // Waiting tasks give the first fetch from the new positions time to arrive.
+        if state.assigned_at.is_some() {
+            state.assigned_at = Some(Instant::now());
+        }
+        Ok(())
+    }
+
     /// Commits the batch, continuing from the offsets this member holds for its partitions.
+    /// `Some(why)` if bronze refused it (another writer moved the offsets).
     async fn commit(
         &self,
         batch: &mut BatchBuilder,
         owned: &mut Owned,
         legacy: bool,
-    ) -> Result<(), TaskError> {
+    ) -> Result<Option<String>, TaskError> {
         let member = &self.member;
         let mut expected = Vec::new();
         for (topic, partitions) in &batch.last {
@@ -581,25 +676,11 @@ impl Reader {
         let last = batch.last.clone();
         let rows = batch.rows as u64;
         let tag = member.lock().tag.clone();
-        let outcome = kafka::commit(
-            &self.lake,
-            &tag,
-            &self.name,
-            batch,
-            kafka::CommitOptions {
-                legacy,
-                expected,
-                ..Default::default()
-            },
-        )
-        .await?;
-        if let CommitOutcome::AlreadyCommitted { .. } = outcome {
-            // Another reader committed these partitions' offsets: they are no longer ours.
-            return Err(TaskError::Internal(format!(
-                "source `{}`: another reader committed these partitions' offsets; this member stops and the next task starts a new one",
-                self.name
-            )));
-        }
+        let outcome =
+            match kafka::commit(&self.lake, &tag, &self.name, batch, legacy, expected).await? {
+                kafka::Committed::Done(outcome) => outcome,
+                kafka::Committed::Moved(why) => return Ok(Some(why)),
+            };
         for (topic, partitions) in last {
             let entry = owned.entry(topic).or_default();
             for (partition, offset) in partitions {
@@ -620,7 +701,7 @@ impl Reader {
         state.committed_rows += rows;
         state.commits += 1;
         state.last_outcome = Some(outcome);
-        Ok(())
+        Ok(None)
     }
 }
 
@@ -650,6 +731,13 @@ pub async fn run(
         let mut state = member.lock();
         state.tag = CommitTag::of(task);
         state.last_asked = Instant::now();
+    }
+    // A full refresh resets bronze (once for all replicas) and waits until this replica's
+    // member has noticed and read its partitions again.
+    let refresh = task.full_refresh.then(|| kafka::refresh_epoch(task));
+    if task.full_refresh {
+        progress.report("resetting bronze for a full refresh", 0, 0, true);
+        kafka::reset(lake, task, name, kafka).await?;
     }
     let started = Instant::now();
     let idle = Duration::from_millis(kafka.idle_ms);
@@ -701,7 +789,9 @@ pub async fn run(
         let quiet_from = last_message
             .max(started)
             .max(assigned_at + FIRST_WAIT.saturating_sub(idle));
-        let caught_up = !member.pending.load(Ordering::Acquire) && now >= quiet_from + idle;
+        let repositioned = refresh.is_none_or(|r| member.lock().epoch.is_some_and(|e| e >= r));
+        let caught_up =
+            repositioned && !member.pending.load(Ordering::Acquire) && now >= quiet_from + idle;
         if caught_up || budget.is_some_and(|b| started.elapsed() >= b) {
             break;
         }

@@ -310,18 +310,6 @@ impl TaskRunner for Ingestor {
             return self.run_http(task, source, progress, cancel).await;
         }
         if let Some(kafka) = &source.kafka {
-            if task.full_refresh {
-                self.members.stop(&task, &source.name).await;
-                return crate::kafka::refresh(
-                    &self.lake,
-                    &task,
-                    &source.name,
-                    kafka,
-                    &progress,
-                    &cancel,
-                )
-                .await;
-            }
             return crate::group::run(
                 &self.members,
                 &self.lake,

@@ -6,7 +6,7 @@
 //! in the same commit as the rows. Ingestor replicas read a source as members of one consumer
 //! group ([`crate::group`]), each starting its partitions just after the committed offsets; a
 //! crash loses only the micro-batch in flight, which the partition's next reader reads again.
-//! A full refresh rebuilds the table from the beginning of every partition ([`refresh`]).
+//! A full refresh resets the table and every offset ([`reset`]); the members read it all again.
 //!
 //! Malformed messages are not lost: they become rows with `_error` and the raw `_value`.
 
@@ -20,10 +20,9 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use medallion_lake::{CommitOutcome, CommitSpec, Lake, WriteMode};
-use medallion_server::CancellationToken;
 use medallion_spec::{KafkaSourceSpec, Layer, ROW_SCHEMA};
-use medallion_stage::{Manifest, Progress, TaskError, TaskRequest};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use medallion_stage::{Manifest, TaskError, TaskRequest};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 use crate::debezium::{self, Event};
@@ -275,136 +274,41 @@ pub(crate) fn is_legacy(snapshot: Option<&medallion_lake::TableSnapshot>) -> boo
     snapshot.is_some_and(|s| s.schema.field_with_name(ROW_SCHEMA).is_err())
 }
 
-/// A full refresh of a Kafka source: one reader rebuilds the change table from the beginning
-/// of every partition, outside the consumer group (the group's members find their offsets
-/// moved at their next commit and start over from the rebuilt table).
-pub async fn refresh(
+/// A full refresh of a Kafka source: one commit empties the change table and sets every
+/// partition's offset to "nothing read" (-1). It is keyed by the run (`kafka:<source>:refresh` =
+/// the run's sequence), so the calls of one refresh on several replicas reset the table once.
+/// The members of the consumer group notice the new refresh and read their partitions again
+/// from the beginning; each replica's task then waits for its member to catch up.
+pub async fn reset(
     lake: &Lake,
     task: &TaskRequest,
     name: &str,
     kafka: &KafkaSourceSpec,
-    progress: &Progress,
-    cancel: &CancellationToken,
-) -> Result<Manifest, TaskError> {
-    let consumer: StreamConsumer = client_config(task, name, kafka)?
+) -> Result<(), TaskError> {
+    let probe: BaseConsumer = client_config(task, name, kafka)?
         .create()
         .map_err(|e| TaskError::Invalid(format!("source `{name}`: Kafka client: {e}")))?;
-    let consumer = Arc::new(consumer);
+    let partitions = topic_partitions(Arc::new(probe), name, kafka).await?;
+    let writer = lake
+        .writer(Layer::Bronze, name, change_schema())
+        .await
+        .map_err(TaskError::internal)?;
+    let mut txns = vec![(refresh_app_id(name), refresh_epoch(task))];
+    txns.extend(partitions.iter().map(|(t, p)| (app_id(t, *p), -1)));
+    let spec = commit_spec(&CommitTag::of(task), WriteMode::Overwrite, txns);
+    let outcome = writer.commit(spec).await.map_err(TaskError::internal)?;
+    tracing::info!(source = name, ?outcome, "bronze reset for a full refresh");
+    Ok(())
+}
 
-    progress.report("reading partitions", 0, 0, true);
-    let mut assignment = TopicPartitionList::new();
-    let partitions = topic_partitions(consumer.clone(), name, kafka).await?;
-    for (topic, partition) in &partitions {
-        assignment
-            .add_partition_offset(topic, *partition, Offset::Beginning)
-            .map_err(TaskError::internal)?;
-    }
-    let all: Vec<String> = partitions.iter().map(|(t, p)| app_id(t, *p)).collect();
-    let partitions = partitions.len();
-    consumer
-        .assign(&assignment)
-        .map_err(|e| TaskError::Invalid(format!("source `{name}`: assign: {e}")))?;
-    tracing::info!(
-        source = name,
-        partitions,
-        "reading Kafka from the beginning"
-    );
+/// The application transaction that records a source's last full refresh.
+pub(crate) fn refresh_app_id(name: &str) -> String {
+    format!("kafka:{name}:refresh")
+}
 
-    let options = debezium::Options::of(kafka);
-    let tag = CommitTag::of(task);
-    let idle = Duration::from_millis(kafka.idle_ms);
-    // The first fetch also waits for the connection and the partition leaders.
-    let mut wait = idle.max(FIRST_WAIT);
-    let mut overwrite = true;
-    // The offset this refresh last wrote per partition (its first commit writes them all).
-    let mut written: BTreeMap<String, i64> = BTreeMap::new();
-    let mut last_outcome: Option<CommitOutcome> = None;
-    let (mut total, mut commits) = (0u64, 0u64);
-    let mut batch = BatchBuilder::new();
-    loop {
-        let message = tokio::select! {
-            m = consumer.recv() => Some(m),
-            _ = tokio::time::sleep(wait) => None,
-            _ = cancel.cancelled() => return Err(TaskError::Cancelled),
-        };
-        let done = match message {
-            Some(Ok(message)) => {
-                batch.push(&message, &options);
-                wait = idle;
-                false
-            }
-            Some(Err(e)) => {
-                return Err(TaskError::Invalid(format!(
-                    "source `{name}`: reading Kafka: {e}"
-                )));
-            }
-            None => true,
-        };
-        let full = batch.rows >= kafka.max_batch_rows;
-        // The first commit rewrites the table even when the topics are empty.
-        if (done || full) && (!batch.last.is_empty() || overwrite) {
-            let rows = batch.rows as u64;
-            let read: Vec<(String, i64)> = batch
-                .last
-                .iter()
-                .flat_map(|(t, ps)| ps.iter().map(|(p, o)| (app_id(t, *p), *o)))
-                .collect();
-            let options = if overwrite {
-                // Every partition's offset is rewritten, so that members of the consumer
-                // group holding older offsets are refused at their next commit; the primary
-                // transaction is this refresh's own, so an earlier one never hides it.
-                CommitOptions {
-                    overwrite: true,
-                    primary: Some((
-                        format!("kafka:{name}:refresh"),
-                        chrono::Utc::now().timestamp_micros(),
-                    )),
-                    unread: all
-                        .iter()
-                        .filter(|a| !read.iter().any(|(r, _)| r == *a))
-                        .map(|a| (a.clone(), -1))
-                        .collect(),
-                    ..CommitOptions::default()
-                }
-            } else {
-                // Continues from what this refresh wrote: a member that took a partition
-                // meanwhile makes this commit fail rather than both landing.
-                CommitOptions {
-                    expected: read
-                        .iter()
-                        .map(|(a, _)| (a.clone(), Some(written.get(a).copied().unwrap_or(-1))))
-                        .collect(),
-                    ..CommitOptions::default()
-                }
-            };
-            for (a, _) in &options.unread {
-                written.insert(a.clone(), -1);
-            }
-            let outcome = commit(lake, &tag, name, &mut batch, options).await?;
-            if let CommitOutcome::AlreadyCommitted { .. } = outcome {
-                return Err(TaskError::Internal(format!(
-                    "source `{name}`: another writer committed these partitions during the refresh; retry"
-                )));
-            }
-            written.extend(read);
-            overwrite = false;
-            total += rows;
-            commits += 1;
-            last_outcome = Some(outcome);
-            progress.report(&format!("{commits} commits"), total, 0, false);
-        }
-        if done {
-            break;
-        }
-    }
-    let source_lag = source_lag(consumer.clone(), assignment).await;
-    let outcome =
-        last_outcome.ok_or_else(|| TaskError::internal("the refresh committed nothing"))?;
-    // The manifest of the last commit, counting the rows of every commit of the task.
-    let mut manifest = Manifest::after_commit(lake, &task.table, &outcome).await?;
-    manifest.rows_written = total;
-    manifest.source_lag = source_lag;
-    Ok(manifest)
+/// The refresh epoch a full-refresh task resets bronze to: its run's sequence, which only grows.
+pub(crate) fn refresh_epoch(task: &TaskRequest) -> i64 {
+    i64::try_from(task.run_sequence).unwrap_or(i64::MAX)
 }
 
 /// Every partition of the source's topics; a topic the brokers do not know is an error.
@@ -515,55 +419,41 @@ fn commit_spec(tag: &CommitTag, mode: WriteMode, mut txns: Vec<(String, i64)>) -
     }
 }
 
-/// How a batch is committed.
-#[derive(Debug, Default)]
-pub(crate) struct CommitOptions {
-    /// Replace the table (the first commit of a full refresh).
-    pub overwrite: bool,
-    /// The table predates `row_schema`: leave the column out.
-    pub legacy: bool,
-    /// The offset bronze must still hold for each partition of the batch (the commit is
-    /// refused if another reader moved one).
-    pub expected: Vec<(String, Option<i64>)>,
-    /// The commit's own application transaction; default: the batch's first partition.
-    pub primary: Option<(String, i64)>,
-    /// More partition offsets to record (a refresh's partitions not read yet: -1).
-    pub unread: Vec<(String, i64)>,
+/// What a commit of a member's batch came to.
+#[derive(Debug)]
+pub(crate) enum Committed {
+    Done(CommitOutcome),
+    /// Another writer moved these partitions' offsets (a member that took them over, or a full
+    /// refresh): nothing was committed.
+    Moved(String),
 }
 
-/// Commits the batch with the last offset of each partition it read.
+/// Commits the batch with the last offset of each partition it read, provided bronze still
+/// holds `expected` for those partitions (the offsets the batch continues from). A table from
+/// before `row_schema` (`legacy`) gets the rows without it.
 pub(crate) async fn commit(
     lake: &Lake,
     tag: &CommitTag,
     name: &str,
     batch: &mut BatchBuilder,
-    options: CommitOptions,
-) -> Result<CommitOutcome, TaskError> {
-    let CommitOptions {
-        overwrite,
-        legacy,
-        expected,
-        primary,
-        unread,
-    } = options;
+    legacy: bool,
+    expected: Vec<(String, Option<i64>)>,
+) -> Result<Committed, TaskError> {
     let mut rows = batch.finish(chrono::Utc::now().timestamp_micros(), &tag.run_id)?;
-    if legacy && !overwrite {
+    if legacy {
         let keep: Vec<usize> = (0..rows.num_columns())
             .filter(|&i| rows.schema().field(i).name() != ROW_SCHEMA)
             .collect();
         rows = rows.project(&keep).map_err(TaskError::internal)?;
     }
-    let mut txns: Vec<(String, i64)> = primary.into_iter().collect();
-    txns.extend(
-        std::mem::take(&mut batch.last)
-            .into_iter()
-            .flat_map(|(topic, partitions)| {
-                partitions
-                    .into_iter()
-                    .map(move |(partition, offset)| (app_id(&topic, partition), offset))
-            }),
-    );
-    txns.extend(unread);
+    let txns: Vec<(String, i64)> = std::mem::take(&mut batch.last)
+        .into_iter()
+        .flat_map(|(topic, partitions)| {
+            partitions
+                .into_iter()
+                .map(move |(partition, offset)| (app_id(&topic, partition), offset))
+        })
+        .collect();
     let mut writer = lake
         .writer(Layer::Bronze, name, rows.schema())
         .await
@@ -571,14 +461,19 @@ pub(crate) async fn commit(
     if rows.num_rows() > 0 {
         writer.write(rows).await.map_err(TaskError::internal)?;
     }
-    let mode = if overwrite {
-        WriteMode::Overwrite
-    } else {
-        WriteMode::Append
-    };
-    let mut spec = commit_spec(tag, mode, txns);
+    let mut spec = commit_spec(tag, WriteMode::Append, txns);
     spec.expect_transactions = expected;
-    writer.commit(spec).await.map_err(TaskError::internal)
+    match writer.commit(spec).await {
+        // The batch's first partition already holds these offsets: someone else wrote them.
+        Ok(CommitOutcome::AlreadyCommitted { .. }) => Ok(Committed::Moved(format!(
+            "source `{name}`: another reader already committed these offsets"
+        ))),
+        Ok(outcome) => Ok(Committed::Done(outcome)),
+        Err(e @ medallion_lake::Error::TransactionMoved { .. }) => {
+            Ok(Committed::Moved(e.to_string()))
+        }
+        Err(e) => Err(TaskError::internal(e)),
+    }
 }
 
 #[cfg(test)]
