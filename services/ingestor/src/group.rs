@@ -38,6 +38,8 @@ const LEAVE_WAIT: Duration = Duration::from_secs(15);
 const JOIN_WAIT: Duration = Duration::from_secs(60);
 /// With no `max_task_ms`, the longest a micro-batch stays uncommitted while messages keep coming.
 const BATCH_AGE: Duration = Duration::from_secs(10);
+/// Failed commits in a row after which a member stops with the error.
+const COMMIT_ATTEMPTS: u32 = 3;
 /// How often an idle member checks whether a full refresh reset bronze.
 const EPOCH_CHECK: Duration = Duration::from_secs(1);
 /// How often a waiting task looks at its member.
@@ -172,6 +174,9 @@ impl ConsumerContext for GroupContext {
                 tracing::info!(source = %self.name, partitions = partitions.len(), owned = ?positions.owned, "partitions assigned");
                 let mut state = self.member.lock();
                 state.owned = positions.owned;
+                if state.epoch != positions.epoch {
+                    state.reported = (state.committed_rows, state.commits);
+                }
                 state.epoch = positions.epoch;
                 state.legacy = positions.legacy;
                 state.generation += 1;
@@ -486,6 +491,9 @@ impl Reader {
         let mut last_message = Instant::now();
         let (mut generation, mut owned, mut legacy) = (0u64, Owned::new(), false);
         let mut epoch_checked = Instant::now();
+        // Commits that failed in a row; a lasting failure (a schema mismatch, say) stops the
+        // member with its error instead of reading the same rows forever.
+        let mut failures = 0;
         loop {
             let now = Instant::now();
             // Wake up for the batch's idle or age deadline, else now and then to look around.
@@ -560,7 +568,7 @@ impl Reader {
             });
             if due {
                 match self.commit(&mut batch, &mut owned, legacy).await {
-                    Ok(None) => {}
+                    Ok(None) => failures = 0,
                     // Refused: the rows are dropped and every partition starts again at the
                     // offsets bronze holds now.
                     Ok(Some(why)) => {
@@ -571,9 +579,20 @@ impl Reader {
                             return;
                         }
                     }
+                    // A failed commit (a conflict, the store unreachable) may or may not have
+                    // landed: bronze says which, so start again from its offsets.
                     Err(e) => {
-                        member.fail(e.to_string());
-                        return;
+                        failures += 1;
+                        if failures >= COMMIT_ATTEMPTS {
+                            member.fail(e.to_string());
+                            return;
+                        }
+                        tracing::warn!(source = %self.name, error = %e, "commit failed; repositioning at bronze's offsets");
+                        batch = BatchBuilder::new();
+                        if let Err(e) = self.reposition(consumer, &mut owned, &mut legacy).await {
+                            member.fail(e);
+                            return;
+                        }
                     }
                 }
                 batch_started = None;
@@ -632,18 +651,21 @@ impl Reader {
                         Duration::from_secs(10),
                     )
                 })
-                .map_err(|e| {
-                    format!(
-                        "source `{}`: seeking {topic} [{partition}] to bronze's offset: {e}",
-                        self.name
-                    )
-                })?;
+                .unwrap_or_else(|e| {
+                    // Not fetching yet (just assigned): it starts where the assignment said;
+                    // anything bronze already holds is skipped by the offset filter.
+                    tracing::warn!(source = %self.name, %topic, partition, error = %e, "seek failed");
+                });
             }
         }
         *owned = fresh.owned.clone();
         *legacy = fresh.legacy;
         let mut state = self.member.lock();
         state.owned = fresh.owned;
+        if state.epoch != fresh.epoch {
+            // Rows committed before a full refresh are gone: tasks count from here.
+            state.reported = (state.committed_rows, state.commits);
+        }
         state.epoch = fresh.epoch;
         state.legacy = fresh.legacy;
         // Waiting tasks give the first fetch from the new positions time to arrive.
@@ -673,9 +695,15 @@ impl Reader {
                 expected.push((kafka::app_id(topic, *partition), stored));
             }
         }
+        let (tag, epoch) = {
+            let state = member.lock();
+            (state.tag.clone(), state.epoch)
+        };
+        // A full refresh since the partitions were positioned refuses the commit too, even
+        // where it left an offset as it was.
+        expected.push((kafka::refresh_app_id(&self.name), epoch));
         let last = batch.last.clone();
         let rows = batch.rows as u64;
-        let tag = member.lock().tag.clone();
         let outcome =
             match kafka::commit(&self.lake, &tag, &self.name, batch, legacy, expected).await? {
                 kafka::Committed::Done(outcome) => outcome,
@@ -735,9 +763,10 @@ pub async fn run(
     // A full refresh resets bronze (once for all replicas) and waits until this replica's
     // member has noticed and read its partitions again.
     let refresh = task.full_refresh.then(|| kafka::refresh_epoch(task));
+    let mut reset = false;
     if task.full_refresh {
         progress.report("resetting bronze for a full refresh", 0, 0, true);
-        kafka::reset(lake, task, name, kafka).await?;
+        reset = kafka::reset(lake, task, name, kafka).await?;
     }
     let started = Instant::now();
     let idle = Duration::from_millis(kafka.idle_ms);
@@ -821,7 +850,8 @@ pub async fn run(
             manifest.rows_written = rows;
             manifest
         }
-        (Some(snapshot), _) => Manifest::of_snapshot(&snapshot, false),
+        // A reset with nothing read since still rewrote the table.
+        (Some(snapshot), _) => Manifest::of_snapshot(&snapshot, reset),
         // Nothing to read yet: an empty table, so downstream tables have their input.
         (None, _) => {
             kafka::create_empty(lake, task, name, medallion_lake::WriteMode::Append).await?

@@ -279,27 +279,45 @@ pub(crate) fn is_legacy(snapshot: Option<&medallion_lake::TableSnapshot>) -> boo
 /// the run's sequence), so the calls of one refresh on several replicas reset the table once.
 /// The members of the consumer group notice the new refresh and read their partitions again
 /// from the beginning; each replica's task then waits for its member to catch up.
+/// Returns whether this call made the reset (another replica's call may have).
 pub async fn reset(
     lake: &Lake,
     task: &TaskRequest,
     name: &str,
     kafka: &KafkaSourceSpec,
-) -> Result<(), TaskError> {
+) -> Result<bool, TaskError> {
     let probe: BaseConsumer = client_config(task, name, kafka)?
         .create()
         .map_err(|e| TaskError::Invalid(format!("source `{name}`: Kafka client: {e}")))?;
     let partitions = topic_partitions(Arc::new(probe), name, kafka).await?;
-    let writer = lake
-        .writer(Layer::Bronze, name, change_schema())
-        .await
-        .map_err(TaskError::internal)?;
     let mut txns = vec![(refresh_app_id(name), refresh_epoch(task))];
     txns.extend(partitions.iter().map(|(t, p)| (app_id(t, *p), -1)));
-    let spec = commit_spec(&CommitTag::of(task), WriteMode::Overwrite, txns);
-    let outcome = writer.commit(spec).await.map_err(TaskError::internal)?;
-    tracing::info!(source = name, ?outcome, "bronze reset for a full refresh");
-    Ok(())
+    // A member's commit landing at the same moment conflicts on the partitions' app ids; the
+    // reset is idempotent (keyed by the run), so it simply tries again.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let writer = lake
+            .writer(Layer::Bronze, name, change_schema())
+            .await
+            .map_err(TaskError::internal)?;
+        let spec = commit_spec(&CommitTag::of(task), WriteMode::Overwrite, txns.clone());
+        match writer.commit(spec).await {
+            Ok(outcome) => {
+                tracing::info!(source = name, ?outcome, "bronze reset for a full refresh");
+                return Ok(matches!(outcome, CommitOutcome::Committed { .. }));
+            }
+            Err(e) if attempt < RESET_ATTEMPTS => {
+                tracing::warn!(source = name, error = %e, "resetting bronze; trying again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(TaskError::internal(e)),
+        }
+    }
 }
+
+/// Attempts at a full refresh's reset commit before the task fails.
+const RESET_ATTEMPTS: u32 = 5;
 
 /// The application transaction that records a source's last full refresh.
 pub(crate) fn refresh_app_id(name: &str) -> String {

@@ -32,7 +32,8 @@ pub struct Config {
     pub lake: String,
     /// This replica's identity in Kafka consumer groups (static membership): a replica that
     /// restarts under the same identity takes its partitions back at once, with no rebalance.
-    /// Default: the host name and the listen port. Empty: dynamic membership.
+    /// Default: the host name and the listen port. Must differ between replicas. Empty: dynamic
+    /// membership.
     #[arg(long, env = "MEDALLION_INGESTOR_INSTANCE_ID")]
     pub instance_id: Option<String>,
     /// Tasks this replica runs at once (each holds its tables in memory); more wait their turn.
@@ -73,7 +74,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         shutdown,
     )
     .await?;
-    // Leaving the consumer groups hands this replica's partitions to the others right away.
+    // Commits or drops what the members hold and closes their consumers. Dynamic members
+    // leave their groups now; static ones keep their partitions for a restart under the same
+    // identity, or until their session times out.
     members.leave_all().await;
     Ok(())
 }

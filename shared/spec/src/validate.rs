@@ -524,6 +524,13 @@ fn check_source_location(i: usize, source: &crate::SourceSpec) -> Result<(), Spe
                 "`max_batch_rows` and `idle_ms` must be above 0",
             ));
         }
+        const DAY_MS: u64 = 86_400_000;
+        if kafka.idle_ms > DAY_MS || kafka.max_task_ms > DAY_MS {
+            return Err(SpecError::new(
+                at("kafka"),
+                "`idle_ms` and `max_task_ms` must be at most 86400000 (a day)",
+            ));
+        }
         if kafka.readers.is_some_and(|r| r == 0 || r > 64) {
             return Err(SpecError::new(
                 at("kafka.readers"),
