@@ -101,6 +101,19 @@ struct State {
     stopped: bool,
 }
 
+impl State {
+    /// Takes the positions the partitions were (re)started from.
+    fn positioned(&mut self, positions: Positions) {
+        if self.epoch != positions.epoch {
+            // Rows committed before a full refresh are gone: tasks count from here.
+            self.reported = (self.committed_rows, self.commits);
+        }
+        self.owned = positions.owned;
+        self.epoch = positions.epoch;
+        self.legacy = positions.legacy;
+    }
+}
+
 impl Member {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic elsewhere must not wedge the source: the state stays usable.
@@ -173,12 +186,7 @@ impl ConsumerContext for GroupContext {
                 }
                 tracing::info!(source = %self.name, partitions = partitions.len(), owned = ?positions.owned, "partitions assigned");
                 let mut state = self.member.lock();
-                state.owned = positions.owned;
-                if state.epoch != positions.epoch {
-                    state.reported = (state.committed_rows, state.commits);
-                }
-                state.epoch = positions.epoch;
-                state.legacy = positions.legacy;
+                state.positioned(positions);
                 state.generation += 1;
                 state.assigned_at = Some(Instant::now());
                 self.member
@@ -661,13 +669,7 @@ impl Reader {
         *owned = fresh.owned.clone();
         *legacy = fresh.legacy;
         let mut state = self.member.lock();
-        state.owned = fresh.owned;
-        if state.epoch != fresh.epoch {
-            // Rows committed before a full refresh are gone: tasks count from here.
-            state.reported = (state.committed_rows, state.commits);
-        }
-        state.epoch = fresh.epoch;
-        state.legacy = fresh.legacy;
+        state.positioned(fresh);
         // Waiting tasks give the first fetch from the new positions time to arrive.
         if state.assigned_at.is_some() {
             state.assigned_at = Some(Instant::now());

@@ -398,6 +398,17 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
+    /// The refusal of a commit that continues from `expected` where the table holds `found`.
+    pub(crate) fn moved(&self, app_id: &str, expected: Option<i64>, found: Option<i64>) -> Error {
+        Error::TransactionMoved {
+            layer: self.layer,
+            table: self.table.clone(),
+            app_id: app_id.to_string(),
+            expected,
+            found,
+        }
+    }
+
     fn new(layer: Layer, table: &str) -> Result<Ctx> {
         let invalid = |reason| Error::InvalidTableName {
             layer,

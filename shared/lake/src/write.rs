@@ -220,13 +220,7 @@ impl TableWriter {
                 spec.expect_transactions.iter().find(|(_, v)| v.is_some())
             {
                 self.discard_files().await;
-                return Err(Error::TransactionMoved {
-                    layer: ctx.layer,
-                    table: ctx.table.clone(),
-                    app_id: app_id.clone(),
-                    expected: *expected,
-                    found: None,
-                });
+                return Err(ctx.moved(app_id, *expected, None));
             }
             // Protocol, metadata, data and the app transaction all land in version 0.
             let result = CreateBuilder::new()
@@ -270,13 +264,7 @@ impl TableWriter {
                     .map_err(ctx.delta("read app transaction"))?;
                 if found != *expected {
                     self.discard_files().await;
-                    return Err(Error::TransactionMoved {
-                        layer: ctx.layer,
-                        table: ctx.table.clone(),
-                        app_id: app_id.clone(),
-                        expected: *expected,
-                        found,
-                    });
+                    return Err(ctx.moved(app_id, *expected, found));
                 }
             }
             let committed = state
