@@ -68,6 +68,8 @@ struct Member {
     pending: AtomicBool,
     /// `State::generation`, readable without the lock (the loop checks it per message).
     generation: AtomicU64,
+    /// Bumped whenever a task brings other settings (`State::kafka`) for the loop.
+    settings: AtomicU64,
     stop: CancellationToken,
 }
 
@@ -93,6 +95,8 @@ struct State {
     last_outcome: Option<CommitOutcome>,
     /// The run of the task that asked last: its id tags the commits.
     tag: CommitTag,
+    /// The source's settings as the last task gave them.
+    kafka: KafkaSourceSpec,
     last_asked: Instant,
     /// Why the member stopped, if it failed.
     failed: Option<String>,
@@ -263,12 +267,16 @@ fn start_offset(stored: Option<i64>) -> Offset {
     stored.map_or(Offset::Beginning, |o| Offset::Offset(o + 1))
 }
 
-/// Settings that identify a member: a task with other settings starts a new one.
+/// The settings that make a member's consumer: a task with others starts a new member. The
+/// rest (batch sizes and waits, key and sequence fields) reach the running member instead, so
+/// that tuning a pipeline does not make its replicas leave and rejoin the group.
 fn fingerprint(task: &TaskRequest, name: &str, kafka: &KafkaSourceSpec) -> String {
     format!(
-        "{}\u{1}{}",
+        "{}\u{1}{}\u{1}{:?}\u{1}{:?}",
         kafka::group_id(task, name, kafka),
-        serde_json::to_string(kafka).unwrap_or_default()
+        kafka.brokers,
+        kafka.topics,
+        kafka.settings
     )
 }
 
@@ -414,6 +422,7 @@ fn start(
             reported: (0, 0),
             last_outcome: None,
             tag: CommitTag::of(task),
+            kafka: kafka.clone(),
             last_asked: Instant::now(),
             failed: None,
             last_error: None,
@@ -423,6 +432,7 @@ fn start(
         last_message_ms: AtomicU64::new(0),
         pending: AtomicBool::new(false),
         generation: AtomicU64::new(0),
+        settings: AtomicU64::new(0),
         stop: CancellationToken::new(),
     });
     let context = GroupContext {
@@ -446,7 +456,6 @@ fn start(
     let reader = Reader {
         lake: lake.clone(),
         name: name.to_string(),
-        kafka: kafka.clone(),
         member: member.clone(),
     };
     let reading = tokio::spawn(async move {
@@ -480,20 +489,38 @@ impl Drop for StopGuard {
 struct Reader {
     lake: Lake,
     name: String,
-    kafka: KafkaSourceSpec,
     member: Arc<Member>,
+}
+
+/// The loop's settings, from the source's spec.
+struct Tuning {
+    options: debezium::Options,
+    idle: Duration,
+    /// The longest a micro-batch stays uncommitted.
+    max_age: Duration,
+    max_batch_rows: usize,
+}
+
+impl Tuning {
+    fn of(kafka: &KafkaSourceSpec) -> Tuning {
+        Tuning {
+            options: debezium::Options::of(kafka),
+            idle: Duration::from_millis(kafka.idle_ms),
+            max_age: if kafka.max_task_ms > 0 {
+                Duration::from_millis(kafka.max_task_ms)
+            } else {
+                BATCH_AGE
+            },
+            max_batch_rows: kafka.max_batch_rows,
+        }
+    }
 }
 
 impl Reader {
     async fn read(&self, consumer: &StreamConsumer<GroupContext>) {
         let member = &self.member;
-        let options = debezium::Options::of(&self.kafka);
-        let idle = Duration::from_millis(self.kafka.idle_ms);
-        let max_age = if self.kafka.max_task_ms > 0 {
-            Duration::from_millis(self.kafka.max_task_ms)
-        } else {
-            BATCH_AGE
-        };
+        let mut settings = member.settings.load(Ordering::Acquire);
+        let mut tuning = Tuning::of(&member.lock().kafka);
         let mut batch = BatchBuilder::new();
         let mut batch_started: Option<Instant> = None;
         let mut last_message = Instant::now();
@@ -503,6 +530,18 @@ impl Reader {
         // member with its error instead of reading the same rows forever.
         let mut failures = 0;
         loop {
+            if member.settings.load(Ordering::Acquire) != settings {
+                let state = member.lock();
+                settings = member.settings.load(Ordering::Acquire);
+                tuning = Tuning::of(&state.kafka);
+            }
+            let Tuning {
+                options,
+                idle,
+                max_age,
+                max_batch_rows,
+            } = &tuning;
+            let (idle, max_age) = (*idle, *max_age);
             let now = Instant::now();
             // Wake up for the batch's idle or age deadline, else now and then to look around.
             let wait = match batch_started {
@@ -541,7 +580,7 @@ impl Reader {
                     if let Some(stored) = stored
                         && stored.is_none_or(|s| message.offset() > s)
                     {
-                        batch.push(&message, &options);
+                        batch.push(&message, options);
                         last_message = Instant::now();
                         member
                             .last_message_ms
@@ -570,7 +609,7 @@ impl Reader {
             }
             let now = Instant::now();
             let due = batch_started.is_some_and(|started| {
-                batch.rows >= self.kafka.max_batch_rows
+                batch.rows >= *max_batch_rows
                     || now >= last_message + idle
                     || now >= started + max_age
             });
@@ -761,6 +800,10 @@ pub async fn run(
         let mut state = member.lock();
         state.tag = CommitTag::of(task);
         state.last_asked = Instant::now();
+        if state.kafka != *kafka {
+            state.kafka = kafka.clone();
+            member.settings.fetch_add(1, Ordering::AcqRel);
+        }
     }
     // A full refresh resets bronze (once for all replicas) and waits until this replica's
     // member has noticed and read its partitions again.
