@@ -655,8 +655,6 @@ impl Engine {
                         table: Some(table_to_pb(&table_ref)),
                         full_refresh: run.full_refresh,
                         inputs,
-                        shard: 0,
-                        shards: 0,
                     };
                     let policy = parsed.policy(&table_ref);
                     let engine = self.clone();
@@ -906,8 +904,7 @@ impl Engine {
         targets: &[Channel],
         cancel: &CancellationToken,
     ) -> Result<pb::TaskManifest, tonic::Status> {
-        let shards = targets.len() as u32;
-        if shards <= 1 {
+        if targets.len() <= 1 {
             let channel = targets
                 .first()
                 .cloned()
@@ -916,15 +913,12 @@ impl Engine {
                 .call_stage(run_id, table, request, channel, cancel)
                 .await;
         }
-        let calls = reader_task_ids(&request.task_id, shards)
+        let calls = reader_task_ids(&request.task_id, targets.len() as u32)
             .into_iter()
             .zip(targets)
-            .enumerate()
-            .map(|(shard, (task_id, channel))| {
+            .map(|(task_id, channel)| {
                 let mut request = request.clone();
                 request.task_id = task_id;
-                request.shard = shard as u32;
-                request.shards = shards;
                 self.call_stage(run_id, table, request, channel.clone(), cancel)
             });
         let mut merged: Option<pb::TaskManifest> = None;

@@ -164,12 +164,13 @@ pub struct KafkaSourceSpec {
     /// Rows per bronze commit.
     #[serde(default = "default_kafka_batch_rows")]
     pub max_batch_rows: usize,
-    /// A task ends once no message arrived for this long (it has caught up).
+    /// A micro-batch is committed, and a task counts its reader as caught up, once no message
+    /// arrived for this long.
     #[serde(default = "default_kafka_idle_ms")]
     pub idle_ms: u64,
-    /// A task commits what it has and ends after this long even while messages keep coming,
-    /// so the layers downstream get their turn (0: only when caught up). Bounds the latency of
-    /// a `mode: streaming` pipeline.
+    /// The longest a micro-batch stays uncommitted (0: 10 s) and a task waits (0: until caught
+    /// up) while messages keep coming, so the layers downstream get their turn. Bounds the
+    /// latency of a `mode: streaming` pipeline.
     #[serde(default)]
     pub max_task_ms: u64,
     /// The most ingestor replicas that read this source at once (default: every healthy

@@ -32,9 +32,6 @@ pub struct TaskRequest {
     pub full_refresh: bool,
     /// Upstream manifests of this run, by table.
     pub inputs: BTreeMap<TableRef, Manifest>,
-    /// This task reads the share `shard` of `shards` of its (Kafka) source; `shards <= 1`: all.
-    pub shard: u32,
-    pub shards: u32,
 }
 
 impl TaskRequest {
@@ -672,8 +669,6 @@ impl TryFrom<pb::RunTaskRequest> for TaskRequest {
             table,
             full_refresh: r.full_refresh,
             inputs,
-            shard: r.shard,
-            shards: r.shards,
         })
     }
 }

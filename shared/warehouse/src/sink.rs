@@ -466,8 +466,8 @@ async fn check_columns(
     Ok(())
 }
 
-/// Streams the batches into the staging table with binary COPY; returns the rows copied.
-/// Creates the staging table (dropped at COMMIT) and copies `batches` into it.
+/// Creates the staging table (dropped at COMMIT) and copies `batches` into it with binary COPY;
+/// returns the rows copied.
 async fn stage<S, E>(
     tx: &Transaction<'_>,
     target: &QualifiedName,
