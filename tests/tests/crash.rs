@@ -6,7 +6,9 @@ use std::collections::BTreeSet;
 use futures::StreamExt;
 use medallion_lake::{Lake, Layer};
 use medallion_proto::v1::run_event::Event;
-use medallion_tests::{Cluster, Service, reference, succeeded, task, values, wait_for_event};
+use medallion_tests::{
+    Cluster, ClusterOptions, Service, reference, succeeded, task, values, wait_for_event,
+};
 
 /// Reads every row of the latest version of a table straight from the lake files.
 async fn lake_rows(lake: &Lake, layer: Layer, table: &str) -> (i64, usize) {
@@ -27,7 +29,14 @@ async fn lake_rows(lake: &Lake, layer: Layer, table: &str) -> (i64, usize) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn refiner_killed_mid_write_recovers_without_duplicates() {
-    let mut cluster = Cluster::start(None).await.expect("cluster");
+    // Small buckets: silver.lineitem (about 300k rows) is refined and written in 8 buckets, and
+    // the kill lands while some of them are written.
+    let mut cluster = Cluster::start_with(ClusterOptions {
+        env: vec![("MEDALLION_REFINER_BUCKET_ROWS".into(), "40000".into())],
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("cluster");
     let generated = cluster.dir.path().join("generated");
     Cluster::gen_tpch(&generated, 0.05, 2)
         .await
@@ -67,7 +76,7 @@ async fn refiner_killed_mid_write_recovers_without_duplicates() {
     wait_for_event(
         &mut events,
         "silver.lineitem",
-        |e| matches!(e, Event::TaskProgress(p) if p.phase == "writing"),
+        |e| matches!(e, Event::TaskProgress(p) if p.phase.starts_with("writing bucket")),
     )
     .await;
     cluster.kill(Service::Refiner).await;

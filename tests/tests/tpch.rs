@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use medallion_tests::reference::{assert_gold_matches, assert_warehouse_matches};
-use medallion_tests::{Cluster, reference, succeeded, task, unique_name};
+use medallion_tests::{Cluster, ClusterOptions, reference, succeeded, task, unique_name};
 
 fn copy(from: &Path, to: &Path) {
     std::fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
@@ -14,9 +14,14 @@ fn copy(from: &Path, to: &Path) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tpch_gold_matches_reference_and_runs_incrementally() {
-    let cluster = Cluster::start(Some(medallion_tests::postgres_url()))
-        .await
-        .expect("cluster");
+    // silver.lineitem (about 60k rows) is refined in 3 buckets, silver.orders whole.
+    let cluster = Cluster::start_with(ClusterOptions {
+        warehouse: Some(medallion_tests::postgres_url()),
+        env: vec![("MEDALLION_REFINER_BUCKET_ROWS".into(), "20000".into())],
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("cluster");
     let generated = cluster.dir.path().join("generated");
     Cluster::gen_tpch(&generated, 0.01, 2)
         .await

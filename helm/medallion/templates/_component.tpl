@@ -125,6 +125,8 @@ grpc:
 {{- if eq $c "refiner" }}
 - name: MEDALLION_BRONZE_FLIGHT
   value: {{ include "medallion.layerURL" (dict "root" $root "component" "ingestor") | quote }}
+- name: MEDALLION_REFINER_BUCKET_ROWS
+  value: {{ $v.bucketRows | int64 | quote }}
 {{- end }}
 {{- if eq $c "aggregator" }}
 - name: MEDALLION_SILVER_FLIGHT
@@ -307,7 +309,7 @@ spec:
       volumes:
         - name: tmp
           emptyDir:
-            sizeLimit: {{ $root.Values.tmp.sizeLimit }}
+            sizeLimit: {{ $v.tmpSizeLimit | default $root.Values.tmp.sizeLimit }}
         {{- if eq $c "coordinator" }}
         - name: state
           {{- if $v.persistence.enabled }}

@@ -5,6 +5,7 @@
 //! and quarantine over Arrow Flight.
 
 mod apply;
+mod buckets;
 mod refine;
 mod row_schema;
 pub mod transform;
@@ -36,6 +37,15 @@ pub struct Config {
     /// Tasks this replica runs at once (each holds its tables in memory); more wait their turn.
     #[arg(long, env = "MEDALLION_REFINER_MAX_TASKS", default_value_t = 1)]
     pub max_tasks: usize,
+    /// Input rows per bucket: a de-duplicated or joined table with more input rows is split
+    /// by key into buckets on local disk and refined one bucket at a time, so memory follows
+    /// this figure rather than the table's size.
+    #[arg(long, env = "MEDALLION_REFINER_BUCKET_ROWS", default_value_t = 500_000,
+        value_parser = clap::value_parser!(u64).range(1..))]
+    pub bucket_rows: u64,
+    /// Folder the bucket files are written to (default: the system temp folder).
+    #[arg(long, env = "MEDALLION_SPOOL_DIR")]
+    pub spool_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub s3: medallion_objects::S3Options,
     #[command(flatten)]
@@ -52,6 +62,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             medallion_server::channel(&config.bronze_flight, &config.service.tls)?,
             &config.bronze_flight,
         ),
+        spool_dir: config.spool_dir.clone().unwrap_or_else(std::env::temp_dir),
+        bucket_rows: config.bucket_rows,
     };
     medallion_stage::serve_layer(
         runner,

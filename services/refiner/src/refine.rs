@@ -2,7 +2,7 @@
 //! commit quarantine then silver. Skips the work when the inputs have not moved.
 
 use std::collections::BTreeMap;
-
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use arrow::{datatypes::SchemaRef, record_batch::RecordBatch};
@@ -14,11 +14,17 @@ use medallion_spec::{Layer, SilverSpec, TableRef};
 use medallion_stage::{Manifest, Progress, TaskError, TaskRequest, TaskRunner};
 use polars::prelude::DataFrame;
 
-use crate::transform::{self, RowOutput, RowStage};
+use crate::buckets::{BucketPlan, Spill, SpilledBuckets};
+use crate::transform::{self, Kept, RowOutput, RowStage, Staged};
 
 pub struct Refiner {
     pub lake: Lake,
     pub bronze_flight: FlightReader,
+    /// Folder of the bucket files of tables refined bucket by bucket.
+    pub spool_dir: PathBuf,
+    /// Input rows per bucket: a de-duplicated or joined table with more input rows than this
+    /// is refined in buckets, so it is never in memory whole.
+    pub bucket_rows: u64,
 }
 
 /// Input rows gathered before the row stage runs on them: large enough that polars
@@ -62,6 +68,116 @@ impl Refiner {
         }
     }
 
+    /// Commits the quarantined rows, before silver: if the silver commit then fails, the retry
+    /// finds this one done. Returns the rows quarantined.
+    async fn commit_quarantine(
+        &self,
+        task: &TaskRequest,
+        quarantine: Option<&DataFrame>,
+        progress: &Progress,
+    ) -> Result<u64, TaskError> {
+        let Some(q) = quarantine else { return Ok(0) };
+        progress.report("writing quarantine", q.height() as u64, 0, true);
+        let table = TableRef::new(Layer::Quarantine, &task.table.name);
+        let commit = task.commit_spec(&table, WriteMode::Overwrite);
+        medallion_frames::commit_frame(&self.lake, &table, q, task.input_tags(), commit)
+            .await
+            .map_err(TaskError::internal)?;
+        Ok(q.height() as u64)
+    }
+
+    /// De-duplicates and joins the spilled rows one bucket at a time, streaming each bucket's
+    /// result into the table's data files, and commits them all at once. The next bucket is
+    /// refined while the current one is written.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_buckets(
+        &self,
+        task: &TaskRequest,
+        spec: Arc<SilverSpec>,
+        plan: &BucketPlan,
+        spilled: SpilledBuckets,
+        joined: Option<DataFrame>,
+        progress: &Progress,
+        cancel: &CancellationToken,
+    ) -> Result<medallion_lake::CommitOutcome, TaskError> {
+        let name = spec.name.clone();
+        let failed =
+            move |e: crate::buckets::Error| TaskError::Internal(format!("silver.{name}: {e}"));
+        let joined: Arc<Vec<DataFrame>> = Arc::new(match joined {
+            Some(df) => {
+                let (keys, buckets) = (plan.join_keys.clone(), plan.buckets);
+                tokio::task::spawn_blocking(move || {
+                    crate::buckets::split_frame(&df, &keys, buckets)
+                })
+                .await
+                .map_err(TaskError::internal)?
+                .map_err(&failed)?
+            }
+            None => Vec::new(),
+        });
+        let spilled = Arc::new(spilled);
+        let refine_bucket = |bucket: u32| {
+            let (spec, spilled, joined, failed) = (
+                spec.clone(),
+                spilled.clone(),
+                joined.clone(),
+                failed.clone(),
+            );
+            tokio::task::spawn_blocking(move || -> Result<DataFrame, TaskError> {
+                let rows = spilled.read(bucket).map_err(failed)?;
+                transform::dedupe_and_join(&spec, rows, joined.get(bucket as usize))
+            })
+        };
+        let total = plan.buckets;
+        let mut writer: Option<medallion_lake::TableWriter> = None;
+        let mut written = 0u64;
+        let mut next = refine_bucket(0);
+        for bucket in 0..total {
+            let df = tokio::select! {
+                r = &mut next => r.map_err(TaskError::internal)??,
+                _ = cancel.cancelled() => return Err(TaskError::Cancelled),
+            };
+            if bucket + 1 < total {
+                next = refine_bucket(bucket + 1);
+            }
+            let (schema, batches) =
+                medallion_frames::lake_batches(&df).map_err(TaskError::internal)?;
+            // Made on the first bucket, empty or not, so an empty table still gets its columns.
+            let writer = match &mut writer {
+                Some(w) => w,
+                None => writer.insert(
+                    self.lake
+                        .writer(Layer::Silver, &task.table.name, schema)
+                        .await
+                        .map_err(TaskError::internal)?,
+                ),
+            };
+            for batch in batches {
+                writer.write(batch).await.map_err(TaskError::internal)?;
+            }
+            written += df.height() as u64;
+            progress.report(
+                &format!("writing bucket {} of {total}", bucket + 1),
+                written,
+                0,
+                bucket == 0,
+            );
+        }
+        let mut writer =
+            writer.ok_or_else(|| TaskError::internal("a bucketed table has no buckets"))?;
+        if cancel.is_cancelled() {
+            return Err(TaskError::Cancelled);
+        }
+        writer
+            .finish_part(task.input_tags())
+            .await
+            .map_err(TaskError::internal)?;
+        writer
+            .commit(task.commit_spec(&task.table, WriteMode::Overwrite))
+            .await
+            .map_err(TaskError::internal)
+    }
+
     /// Reads one input whole.
     async fn read_input(
         &self,
@@ -84,10 +200,10 @@ impl Refiner {
         task: &TaskRequest,
         spec: &SilverSpec,
         from: &TableRef,
+        mut out: RowOutput,
         progress: &Progress,
     ) -> Result<RowOutput, TaskError> {
         let mut stage: Option<Arc<RowStage>> = None;
-        let mut out = RowOutput::default();
         let mut pending: Vec<RecordBatch> = Vec::new();
         let (mut pending_rows, mut rows_read, mut bytes_read) = (0usize, 0u64, 0u64);
         let phase = format!("reading and refining {from}");
@@ -223,16 +339,90 @@ impl TaskRunner for Refiner {
             };
             inputs.insert(dep, df);
         }
+        let plan = streamed.as_ref().and_then(|from| {
+            let rows = task.inputs.get(from).map_or(0, |m| m.table_rows);
+            BucketPlan::for_table(&spec, rows, self.bucket_rows)
+        });
         let staged = match &streamed {
-            Some(from) => Some(tokio::select! {
-                out = self.stage_input(&task, &spec, from, &progress) => out?,
-                _ = cancel.cancelled() => return Err(TaskError::Cancelled),
-            }),
+            Some(from) => {
+                let out = match &plan {
+                    Some(plan) => RowOutput::spilling(
+                        Spill::create(&self.spool_dir, &name, plan)
+                            .map_err(|e| TaskError::Internal(format!("silver.{name}: {e}")))?,
+                    ),
+                    None => RowOutput::default(),
+                };
+                Some(tokio::select! {
+                    out = self.stage_input(&task, &spec, from, out, &progress) => out?,
+                    _ = cancel.cancelled() => return Err(TaskError::Cancelled),
+                })
+            }
             None => None,
         };
-        let rows_in = inputs.values().map(DataFrame::height).sum::<usize>()
+        let rows_in = inputs.values().map(|df| df.height() as u64).sum::<u64>()
             + staged.as_ref().map_or(0, RowOutput::rows);
-        progress.report("refining", rows_in as u64, 0, true);
+        progress.report("refining", rows_in, 0, true);
+        let read_secs = started.elapsed().as_secs_f64();
+
+        let (rows, plan) = match (staged, plan) {
+            (Some(rows), Some(plan)) => (rows, plan),
+            (staged, _) => {
+                return self
+                    .finish_whole(&task, spec, staged, inputs, &progress, &cancel, started)
+                    .await;
+            }
+        };
+        // Nothing is written unless every chunk passed its `fail` expectations.
+        let Staged {
+            kept,
+            quarantine,
+            expectations,
+        } = rows.checked(&spec)?;
+        let Kept::Spilled(spill) = kept else {
+            return Err(TaskError::internal("bucketed rows were not spilled"));
+        };
+        let quarantined_rows = self
+            .commit_quarantine(&task, quarantine.as_ref(), &progress)
+            .await?;
+        let spilled = tokio::task::spawn_blocking(move || spill.finish())
+            .await
+            .map_err(TaskError::internal)?
+            .map_err(|e| TaskError::Internal(format!("silver.{name}: {e}")))?;
+        let joined = spec.join.as_ref().and_then(|j| inputs.remove(&j.with));
+        let outcome = self
+            .write_buckets(
+                &task,
+                Arc::new(spec),
+                &plan,
+                spilled,
+                joined,
+                &progress,
+                &cancel,
+            )
+            .await?;
+        let mut manifest = Manifest::after_commit(&self.lake, &task.table, &outcome).await?;
+        let write_secs = started.elapsed().as_secs_f64() - read_secs;
+        tracing::info!(table = %task.table, read_secs, buckets = plan.buckets, refine_and_write_secs = write_secs, "refined");
+        manifest.expectations = expectations;
+        manifest.quarantined_rows = quarantined_rows;
+        Ok(manifest)
+    }
+}
+
+impl Refiner {
+    /// Refines the table whole in memory (SQL, small tables, and those that cannot be
+    /// bucketed), then commits quarantine and silver.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish_whole(
+        &self,
+        task: &TaskRequest,
+        spec: SilverSpec,
+        staged: Option<RowOutput>,
+        inputs: BTreeMap<TableRef, DataFrame>,
+        progress: &Progress,
+        cancel: &CancellationToken,
+        started: std::time::Instant,
+    ) -> Result<Manifest, TaskError> {
         let read_secs = started.elapsed().as_secs_f64();
         let refined = tokio::task::spawn_blocking(move || match staged {
             Some(rows) => transform::finish(&spec, rows, &inputs),
@@ -245,17 +435,9 @@ impl TaskRunner for Refiner {
         }
         let refine_secs = started.elapsed().as_secs_f64() - read_secs;
 
-        // Quarantine first: if the silver commit then fails, the retry finds it done.
-        let mut quarantined_rows = 0;
-        if let Some(q) = &refined.quarantine {
-            progress.report("writing quarantine", q.height() as u64, 0, true);
-            quarantined_rows = q.height() as u64;
-            let table = TableRef::new(Layer::Quarantine, &name);
-            let commit = task.commit_spec(&table, WriteMode::Overwrite);
-            medallion_frames::commit_frame(&self.lake, &table, q, task.input_tags(), commit)
-                .await
-                .map_err(TaskError::internal)?;
-        }
+        let quarantined_rows = self
+            .commit_quarantine(&task, refined.quarantine.as_ref(), &progress)
+            .await?;
         progress.report("writing", refined.silver.height() as u64, 0, true);
         let commit = task.commit_spec(&task.table, WriteMode::Overwrite);
         let outcome = medallion_frames::commit_frame(

@@ -9,6 +9,8 @@ use medallion_spec::{
 use medallion_stage::{ExpectationCount, TaskError};
 use polars::prelude::*;
 
+use crate::buckets::Spill;
+
 /// Column of quarantined rows naming the expectations each row failed.
 pub const FAILED_EXPECTATIONS: &str = "_failed_expectations";
 
@@ -92,11 +94,23 @@ pub struct RowStage {
 /// What the row stage kept, quarantined and counted so far.
 #[derive(Default)]
 pub struct RowOutput {
-    kept: Vec<DataFrame>,
+    kept: Kept,
     quarantine: Vec<DataFrame>,
     counts: Vec<ExpectationCount>,
     /// The first rows that failed a `fail` expectation, by expectation index.
     fail_samples: BTreeMap<usize, String>,
+}
+
+/// The rows the row stage kept: in memory, or spilled into hash buckets.
+pub enum Kept {
+    Frames(Vec<DataFrame>),
+    Spilled(Spill),
+}
+
+impl Default for Kept {
+    fn default() -> Self {
+        Kept::Frames(Vec::new())
+    }
 }
 
 impl RowStage {
@@ -157,8 +171,7 @@ impl RowStage {
         }
         let df = lf.collect().map_err(|e| invalid(t, "columns", e))?;
         if self.expectations.is_empty() {
-            out.kept.push(df);
-            return Ok(());
+            return out.keep(t, df);
         }
         self.check(df, out)
     }
@@ -267,23 +280,48 @@ impl RowStage {
             .select(columns.iter().map(|c| col(c.as_str())).collect::<Vec<_>>())
             .collect()
             .map_err(|e| invalid(t, "expectations", e))?;
-        out.kept.push(kept);
-        Ok(())
+        out.keep(t, kept)
     }
 }
 
+/// The row stage's output once every chunk passed: the task goes on to write it.
+pub struct Staged {
+    pub kept: Kept,
+    /// Rows removed by `quarantine` expectations, with [`FAILED_EXPECTATIONS`].
+    pub quarantine: Option<DataFrame>,
+    pub expectations: Vec<ExpectationCount>,
+}
+
 impl RowOutput {
-    /// Rows kept so far.
-    pub fn rows(&self) -> usize {
-        self.kept.iter().map(DataFrame::height).sum()
+    /// An output whose kept rows go into hash buckets on disk instead of memory.
+    pub fn spilling(spill: Spill) -> RowOutput {
+        RowOutput {
+            kept: Kept::Spilled(spill),
+            ..RowOutput::default()
+        }
     }
 
-    /// The kept rows and quarantined rows as single frames, and the expectation counts; fails
-    /// the task when a `fail` expectation failed anywhere.
-    fn finish(
-        self,
-        spec: &SilverSpec,
-    ) -> Result<(DataFrame, Option<DataFrame>, Vec<ExpectationCount>), TaskError> {
+    /// Rows kept so far.
+    pub fn rows(&self) -> u64 {
+        match &self.kept {
+            Kept::Frames(frames) => frames.iter().map(|f| f.height() as u64).sum(),
+            Kept::Spilled(spill) => spill.rows(),
+        }
+    }
+
+    fn keep(&mut self, table: &str, df: DataFrame) -> Result<(), TaskError> {
+        match &mut self.kept {
+            Kept::Frames(frames) => frames.push(df),
+            Kept::Spilled(spill) => spill
+                .push(&df)
+                .map_err(|e| TaskError::Internal(format!("silver.{table}: {e}")))?,
+        }
+        Ok(())
+    }
+
+    /// Fails the task when a `fail` expectation failed anywhere; otherwise the kept rows, the
+    /// quarantined rows as one frame, and the expectation counts.
+    pub fn checked(self, spec: &SilverSpec) -> Result<Staged, TaskError> {
         let t = spec.name.as_str();
         if let Some((&i, sample)) = self.fail_samples.iter().next() {
             let (e, count) = (&spec.expectations[i], &self.counts[i]);
@@ -292,22 +330,26 @@ impl RowOutput {
                 e.name, e.expr, count.failed_rows, count.checked_rows
             )));
         }
-        let concat = |frames: Vec<DataFrame>| -> Result<Option<DataFrame>, TaskError> {
-            let mut frames = frames.into_iter();
-            let Some(mut first) = frames.next() else {
-                return Ok(None);
-            };
-            for f in frames {
-                first
-                    .vstack_mut_owned(f)
-                    .map_err(|e| invalid(t, "columns", e))?;
-            }
-            Ok(Some(first))
-        };
-        let quarantine = concat(self.quarantine)?;
-        let kept = concat(self.kept)?.unwrap_or_default();
-        Ok((kept, quarantine, self.counts))
+        Ok(Staged {
+            kept: self.kept,
+            quarantine: concat(t, self.quarantine)?,
+            expectations: self.counts,
+        })
     }
+}
+
+/// Frames of one schema stacked into one; `None` for no frames.
+fn concat(table: &str, frames: Vec<DataFrame>) -> Result<Option<DataFrame>, TaskError> {
+    let mut frames = frames.into_iter();
+    let Some(mut first) = frames.next() else {
+        return Ok(None);
+    };
+    for f in frames {
+        first
+            .vstack_mut_owned(f)
+            .map_err(|e| invalid(table, "columns", e))?;
+    }
+    Ok(Some(first))
 }
 
 /// Refines `spec` from its input frames (keyed by table), whole.
@@ -364,7 +406,31 @@ pub fn finish(
     others: &BTreeMap<TableRef, DataFrame>,
 ) -> Result<Refined, TaskError> {
     let t = spec.name.as_str();
-    let (mut df, quarantine, expectations) = rows.finish(spec)?;
+    let staged = rows.checked(spec)?;
+    let kept = match staged.kept {
+        Kept::Frames(frames) => concat(t, frames)?.unwrap_or_default(),
+        Kept::Spilled(_) => {
+            return Err(TaskError::Internal(format!(
+                "silver.{t}: rows spilled into buckets are refined bucket by bucket"
+            )));
+        }
+    };
+    let joined = spec.join.as_ref().and_then(|j| others.get(&j.with));
+    Ok(Refined {
+        silver: dedupe_and_join(spec, kept, joined)?,
+        quarantine: staged.quarantine,
+        expectations: staged.expectations,
+    })
+}
+
+/// De-duplicates `df` (the whole table's rows after the row stage, or one bucket of them) and
+/// joins it with `joined`, the table `join.with` (whole, or the same bucket of it).
+pub fn dedupe_and_join(
+    spec: &SilverSpec,
+    mut df: DataFrame,
+    joined: Option<&DataFrame>,
+) -> Result<DataFrame, TaskError> {
+    let t = spec.name.as_str();
     if let Some(dedupe) = &spec.dedupe
         && let Some(order) = &dedupe.order_by
     {
@@ -387,7 +453,7 @@ pub fn finish(
         );
     }
     if let Some(join) = &spec.join {
-        let other = others.get(&join.with).ok_or_else(|| {
+        let other = joined.ok_or_else(|| {
             TaskError::Internal(format!("silver.{t}: input {} was not read", join.with))
         })?;
         let right_keys: Vec<&str> = join.on.iter().map(|k| k.right.as_str()).collect();
@@ -431,12 +497,7 @@ pub fn finish(
         keep_cols.extend(taken.iter().map(|c| col(c.as_str())));
         lf = lf.select(keep_cols);
     }
-    let silver = lf.collect().map_err(|e| invalid(t, "dedupe/join", e))?;
-    Ok(Refined {
-        silver,
-        quarantine,
-        expectations,
-    })
+    lf.collect().map_err(|e| invalid(t, "dedupe/join", e))
 }
 
 /// Keeps, per key, the row that sorts first (`first`) or last (`last`) by `order`, ties in
