@@ -30,6 +30,11 @@ silver:
       - { name: has_amount, expr: "amount IS NOT NULL", action: quarantine }
     dedupe: { keys: [customer, id], order_by: seq, keep: last }
     join: { with: silver.customers, on: [{ left: customer, right: name }], how: left, columns: [segment] }
+  # Bucketed by `customer, id`; the first row read wins (no `order_by`).
+  - name: first_seen
+    from: bronze.events
+    columns: [{ name: customer }, { name: id, type: int64 }, { name: seq, type: int64 }]
+    dedupe: { keys: [customer, id], keep: first }
   # Bucketed by the join key (no de-duplication).
   - name: matched
     from: bronze.events
@@ -54,8 +59,15 @@ type Event = (Option<String>, i64, i64, Option<i64>);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tables_refined_in_buckets_equal_the_whole_table_computation() {
+    let spool = tempfile::tempdir().expect("spool folder");
     let cluster = Cluster::start_with(ClusterOptions {
-        env: vec![("MEDALLION_REFINER_BUCKET_ROWS".into(), "1000".into())],
+        env: vec![
+            ("MEDALLION_REFINER_BUCKET_ROWS".into(), "1000".into()),
+            (
+                "MEDALLION_SPOOL_DIR".into(),
+                spool.path().display().to_string(),
+            ),
+        ],
         ..ClusterOptions::default()
     })
     .await
@@ -134,6 +146,14 @@ async fn tables_refined_in_buckets_equal_the_whole_table_computation() {
         })
         .collect();
     want_matched.sort();
+    let mut first_seen: BTreeMap<(Option<String>, i64), i64> = BTreeMap::new();
+    for (customer, id, seq, _) in &events {
+        first_seen.entry((customer.clone(), *id)).or_insert(*seq);
+    }
+    let want_first: Vec<(Option<String>, i64, i64)> = first_seen
+        .into_iter()
+        .map(|((c, id), seq)| (c, id, seq))
+        .collect();
     let mut want_customers: Vec<(String, String, i64)> = segment_of
         .iter()
         .map(|(n, (v, s))| (n.clone(), s.clone(), *v))
@@ -174,6 +194,23 @@ async fn tables_refined_in_buckets_equal_the_whole_table_computation() {
     assert_eq!(got.len(), want_latest.len(), "silver.latest rows");
     assert_eq!(got, want_latest, "silver.latest");
 
+    let batches = cluster
+        .read("silver.first_seen")
+        .await
+        .expect("read first_seen");
+    let mut got = Vec::new();
+    for b in &batches {
+        for r in 0..b.num_rows() {
+            got.push((
+                values::string(b, "customer", r),
+                values::int(b, "id", r),
+                values::int(b, "seq", r),
+            ));
+        }
+    }
+    got.sort();
+    assert_eq!(got, want_first, "silver.first_seen");
+
     let batches = cluster.read("silver.matched").await.expect("read matched");
     let mut got = Vec::new();
     for b in &batches {
@@ -204,11 +241,23 @@ async fn tables_refined_in_buckets_equal_the_whole_table_computation() {
 
     // Every table took the bucketed path (the refiner logs how many buckets it used).
     let log = cluster.log(Service::Refiner);
-    for table in ["silver.customers", "silver.latest", "silver.matched"] {
+    for table in [
+        "silver.customers",
+        "silver.latest",
+        "silver.first_seen",
+        "silver.matched",
+    ] {
         assert!(
             log.lines()
                 .any(|l| l.contains("refined") && l.contains(table) && l.contains("buckets=")),
             "{table} was not refined in buckets:\n{log}"
         );
     }
+    // The spill folders are gone once the tables are committed.
+    let left: Vec<_> = std::fs::read_dir(spool.path())
+        .expect("spool folder")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "spill folders left behind: {left:?}");
 }

@@ -31,12 +31,20 @@ async fn lake_rows(lake: &Lake, layer: Layer, table: &str) -> (i64, usize) {
 async fn refiner_killed_mid_write_recovers_without_duplicates() {
     // Small buckets: silver.lineitem (about 300k rows) is refined and written in 8 buckets, and
     // the kill lands while some of them are written.
+    let spool = tempfile::tempdir().expect("spool folder");
     let mut cluster = Cluster::start_with(ClusterOptions {
-        env: vec![("MEDALLION_REFINER_BUCKET_ROWS".into(), "40000".into())],
+        env: vec![
+            ("MEDALLION_REFINER_BUCKET_ROWS".into(), "40000".into()),
+            (
+                "MEDALLION_SPOOL_DIR".into(),
+                spool.path().display().to_string(),
+            ),
+        ],
         ..ClusterOptions::default()
     })
     .await
     .expect("cluster");
+    let spill_folders = || std::fs::read_dir(spool.path()).expect("spool").count();
     let generated = cluster.dir.path().join("generated");
     Cluster::gen_tpch(&generated, 0.05, 2)
         .await
@@ -80,6 +88,7 @@ async fn refiner_killed_mid_write_recovers_without_duplicates() {
     )
     .await;
     cluster.kill(Service::Refiner).await;
+    assert_eq!(spill_folders(), 1, "the killed task's spill folder");
 
     // Whatever the kill interrupted, the table is at a complete version: the old one or the new one.
     let (v, rows) = lake_rows(&lake, Layer::Silver, "lineitem").await;
@@ -94,6 +103,8 @@ async fn refiner_killed_mid_write_recovers_without_duplicates() {
         .expect("restart refiner");
     let (run, _) = cluster.follow(&run_id).await.expect("follow");
     assert!(succeeded(&run), "run after restart: {run:?}");
+    // The restarted refiner removed what the killed one left, and cleaned up after itself.
+    assert_eq!(spill_folders(), 0, "spill folders left behind");
     assert!(
         task(&run, "silver.lineitem").attempts >= 2,
         "the killed task was not retried"

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use medallion_tests::reference::{assert_gold_matches, assert_warehouse_matches};
-use medallion_tests::{Cluster, ClusterOptions, reference, succeeded, task, unique_name};
+use medallion_tests::{Cluster, ClusterOptions, Service, reference, succeeded, task, unique_name};
 
 fn copy(from: &Path, to: &Path) {
     std::fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
@@ -14,7 +14,7 @@ fn copy(from: &Path, to: &Path) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tpch_gold_matches_reference_and_runs_incrementally() {
-    // silver.lineitem (about 60k rows) is refined in 3 buckets, silver.orders whole.
+    // silver.lineitem (30k-60k rows) is refined in buckets of 20k input rows, silver.orders whole.
     let cluster = Cluster::start_with(ClusterOptions {
         warehouse: Some(medallion_tests::postgres_url()),
         env: vec![("MEDALLION_REFINER_BUCKET_ROWS".into(), "20000".into())],
@@ -52,6 +52,13 @@ async fn tpch_gold_matches_reference_and_runs_incrementally() {
     assert!(succeeded(&run), "run 1 failed: {run:?}");
     assert_gold_matches(&cluster, &data).await;
     assert_warehouse_matches(&cluster, &schema).await;
+    let refiner_log = cluster.log(Service::Refiner);
+    assert!(
+        refiner_log.lines().any(|l| l.contains("refined")
+            && l.contains("silver.lineitem")
+            && l.contains("buckets=")),
+        "silver.lineitem was not refined in buckets:\n{refiner_log}"
+    );
     let bronze_version = task(&run, "bronze.lineitem")
         .manifest
         .as_ref()

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, UInt32Array};
 use arrow::compute::take_record_batch;
 use arrow::datatypes::{
-    ArrowPrimitiveType, DataType, Date32Type, Decimal128Type, Int8Type, Int16Type, Int32Type,
-    Int64Type, SchemaRef, UInt8Type, UInt16Type, UInt32Type, UInt64Type,
+    ArrowPrimitiveType, DataType, Date32Type, Decimal128Type, Float32Type, Float64Type, Int8Type,
+    Int16Type, Int32Type, Int64Type, SchemaRef, UInt8Type, UInt16Type, UInt32Type, UInt64Type,
 };
 use arrow::error::ArrowError;
 use arrow::ipc::reader::StreamReader;
@@ -27,14 +27,20 @@ use medallion_spec::SilverSpec;
 use polars::prelude::DataFrame;
 
 /// Most buckets one table is split into (each is an open file while the rows stream in).
-const MAX_BUCKETS: u64 = 512;
+const MAX_BUCKETS: u64 = 256;
 
-/// Rows per record batch when a frame is split into buckets.
-const SPLIT_BATCH_ROWS: usize = 64 * 1024;
+/// Start of the names of the spill folders of one refiner (see [`sweep`]).
+const SPILL_PREFIX: &str = "medallion-refiner-";
 
 /// Why rows could not be bucketed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("cannot make a spill folder in {path}: {source}")]
+    SpoolDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("bucket file {path}: {source}")]
     Io {
         path: PathBuf,
@@ -55,8 +61,14 @@ pub enum Error {
     },
     #[error("bucket key `{0}` is not a column of the rows")]
     MissingKey(String),
-    #[error(transparent)]
-    Frames(#[from] medallion_frames::Error),
+    #[error("bucket file {path}: {source}")]
+    ReadFrame {
+        path: PathBuf,
+        #[source]
+        source: medallion_frames::Error,
+    },
+    #[error("rows to bucket: {0}")]
+    Convert(#[source] medallion_frames::Error),
     #[error("splitting rows into buckets: {0}")]
     Split(#[source] ArrowError),
     #[error("no rows were staged, not even an empty frame with the table's columns")]
@@ -71,6 +83,9 @@ pub struct BucketPlan {
     /// The matching key columns of the joined table, in the same order (empty without a join).
     pub join_keys: Vec<String>,
     pub buckets: u32,
+    /// Rows with a null key go to any bucket: with a join and no de-duplication they meet
+    /// nothing (null keys never match), so they need not pile up in one bucket.
+    pub spread_nulls: bool,
 }
 
 impl BucketPlan {
@@ -82,10 +97,8 @@ impl BucketPlan {
         input_rows: u64,
         rows_per_bucket: u64,
     ) -> Option<BucketPlan> {
-        let buckets = input_rows
-            .div_ceil(rows_per_bucket.max(1))
-            .clamp(1, MAX_BUCKETS);
-        if buckets < 2 {
+        let wanted = input_rows.div_ceil(rows_per_bucket.max(1));
+        if wanted < 2 {
             return None;
         }
         let dedupe = spec.dedupe.as_ref().map(|d| &d.keys);
@@ -103,10 +116,19 @@ impl BucketPlan {
         if keys.is_empty() {
             return None;
         }
+        if wanted > MAX_BUCKETS {
+            tracing::warn!(
+                table = %spec.name,
+                input_rows,
+                rows_per_bucket,
+                "the table needs {wanted} buckets; it gets {MAX_BUCKETS}, so each holds more rows than --bucket-rows"
+            );
+        }
         Some(BucketPlan {
             keys,
             join_keys,
-            buckets: u32::try_from(buckets).unwrap_or(u32::MAX),
+            buckets: u32::try_from(wanted.min(MAX_BUCKETS)).unwrap_or(u32::MAX),
+            spread_nulls: dedupe.is_none(),
         })
     }
 }
@@ -116,6 +138,7 @@ pub struct Spill {
     dir: tempfile::TempDir,
     keys: Vec<String>,
     buckets: u32,
+    spread_nulls: bool,
     /// Opened on the first rows, when their schema is known.
     writers: Vec<StreamWriter<BufWriter<File>>>,
     schema: Option<SchemaRef>,
@@ -123,12 +146,18 @@ pub struct Spill {
 }
 
 impl Spill {
-    /// Starts spilling into a new folder under `spool_dir` (removed when the spill is dropped).
-    pub fn create(spool_dir: &Path, table: &str, plan: &BucketPlan) -> Result<Spill, Error> {
+    /// Starts spilling into a new folder under `spool_dir` (removed when the spill is dropped),
+    /// named for `owner` (this refiner, see [`sweep`]) and `table`.
+    pub fn create(
+        spool_dir: &Path,
+        owner: &str,
+        table: &str,
+        plan: &BucketPlan,
+    ) -> Result<Spill, Error> {
         let dir = tempfile::Builder::new()
-            .prefix(&format!("medallion-silver-{table}-"))
+            .prefix(&format!("{SPILL_PREFIX}{owner}.{table}."))
             .tempdir_in(spool_dir)
-            .map_err(|source| Error::Io {
+            .map_err(|source| Error::SpoolDir {
                 path: spool_dir.to_path_buf(),
                 source,
             })?;
@@ -136,6 +165,7 @@ impl Spill {
             dir,
             keys: plan.keys.clone(),
             buckets: plan.buckets,
+            spread_nulls: plan.spread_nulls,
             writers: Vec::new(),
             schema: None,
             rows: 0,
@@ -153,7 +183,8 @@ impl Spill {
 
     /// Appends `df`'s rows to their buckets.
     pub fn push(&mut self, df: &DataFrame) -> Result<(), Error> {
-        let (schema, batches) = medallion_frames::batches_from_frame(df, SPLIT_BATCH_ROWS)?;
+        // As the lake stores them (unsigned integers widened), like the whole-table path.
+        let (schema, batches) = medallion_frames::lake_batches(df).map_err(Error::Convert)?;
         if self.writers.is_empty() {
             for bucket in 0..self.buckets {
                 let path = self.path(bucket);
@@ -168,11 +199,13 @@ impl Spill {
             self.schema = Some(schema);
         }
         for batch in &batches {
-            let parts = split_batch(batch, &self.keys, self.buckets)?;
+            let parts = split_batch(batch, &self.keys, self.buckets, self.spread_nulls)?;
             for (bucket, part) in parts.into_iter().enumerate() {
                 if part.num_rows() == 0 {
                     continue;
                 }
+                // Only the bytes of this bucket's strings go to its file.
+                let part = compact_views(&part)?;
                 self.writers[bucket]
                     .write(&part)
                     .map_err(|source| Error::Ipc {
@@ -222,7 +255,7 @@ pub struct SpilledBuckets {
 }
 
 impl SpilledBuckets {
-    /// The rows of one bucket, in the order they were pushed.
+    /// The rows of one bucket, in the order they were pushed, as one chunk per column.
     pub fn read(&self, bucket: u32) -> Result<DataFrame, Error> {
         let path = bucket_path(self.dir.path(), bucket);
         let file = File::open(&path).map_err(|source| Error::Io {
@@ -236,21 +269,49 @@ impl SpilledBuckets {
             })?;
         let batches = reader
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| Error::Ipc { path, source })?;
-        Ok(medallion_frames::frame_from_batches(
-            &self.schema,
-            &batches,
-        )?)
+            .map_err(|source| Error::Ipc {
+                path: path.clone(),
+                source,
+            })?;
+        let mut df = medallion_frames::frame_from_batches(&self.schema, &batches)
+            .map_err(|source| Error::ReadFrame { path, source })?;
+        drop(batches);
+        // A bucket arrives in many small batches; de-duplication and joins run faster on one
+        // contiguous chunk.
+        df.rechunk_mut_par();
+        Ok(df)
     }
 }
 
+/// Removes the spill folders `owner` left behind when it stopped without cleaning up (killed,
+/// or out of memory). Returns how many were removed.
+pub fn sweep(spool_dir: &Path, owner: &str) -> usize {
+    let prefix = format!("{SPILL_PREFIX}{owner}.");
+    let Ok(entries) = std::fs::read_dir(spool_dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .filter(|e| std::fs::remove_dir_all(e.path()).is_ok())
+        .count()
+}
+
 /// Splits a frame held in memory (the other side of a join) into `buckets` frames by `keys`,
-/// the way [`Spill`] splits the table's own rows.
-pub fn split_frame(df: &DataFrame, keys: &[String], buckets: u32) -> Result<Vec<DataFrame>, Error> {
-    let (schema, batches) = medallion_frames::batches_from_frame(df, SPLIT_BATCH_ROWS)?;
+/// the way [`Spill`] splits the table's own rows. The parts share the frame's buffers.
+pub fn split_frame(
+    df: &DataFrame,
+    keys: &[String],
+    buckets: u32,
+    spread_nulls: bool,
+) -> Result<Vec<DataFrame>, Error> {
+    let (schema, batches) = medallion_frames::lake_batches(df).map_err(Error::Convert)?;
     let mut parts: Vec<Vec<RecordBatch>> = (0..buckets).map(|_| Vec::new()).collect();
     for batch in &batches {
-        for (bucket, part) in split_batch(batch, keys, buckets)?.into_iter().enumerate() {
+        for (bucket, part) in split_batch(batch, keys, buckets, spread_nulls)?
+            .into_iter()
+            .enumerate()
+        {
             if part.num_rows() > 0 {
                 parts[bucket].push(part);
             }
@@ -258,18 +319,20 @@ pub fn split_frame(df: &DataFrame, keys: &[String], buckets: u32) -> Result<Vec<
     }
     parts
         .iter()
-        .map(|batches| medallion_frames::frame_from_batches(&schema, batches).map_err(Error::from))
+        .map(|batches| {
+            medallion_frames::frame_from_batches(&schema, batches).map_err(Error::Convert)
+        })
         .collect()
 }
 
-/// The rows of `batch` by bucket, each part in input order. String views are compacted, so a
-/// part written to IPC carries only its own strings.
+/// The rows of `batch` by bucket, each part in input order.
 fn split_batch(
     batch: &RecordBatch,
     keys: &[String],
     buckets: u32,
+    spread_nulls: bool,
 ) -> Result<Vec<RecordBatch>, Error> {
-    let ids = bucket_ids(batch, keys, buckets)?;
+    let ids = bucket_ids(batch, keys, buckets, spread_nulls)?;
     // A stable counting sort of the row numbers by bucket: one gather for the whole batch,
     // then a zero-copy slice per bucket.
     let mut starts = vec![0u32; buckets as usize + 1];
@@ -286,12 +349,12 @@ fn split_batch(
         next[b as usize] += 1;
     }
     let sorted = take_record_batch(batch, &UInt32Array::from(order)).map_err(Error::Split)?;
-    (0..buckets as usize)
+    Ok((0..buckets as usize)
         .map(|b| {
             let (start, end) = (starts[b] as usize, starts[b + 1] as usize);
-            compact_views(&sorted.slice(start, end - start))
+            sorted.slice(start, end - start)
         })
-        .collect()
+        .collect())
 }
 
 /// `batch` with its string and binary view columns holding only the bytes their rows use.
@@ -308,9 +371,16 @@ fn compact_views(batch: &RecordBatch) -> Result<RecordBatch, Error> {
     RecordBatch::try_new(batch.schema(), columns).map_err(Error::Split)
 }
 
-/// The bucket of every row of `batch`, from its `keys` columns.
-fn bucket_ids(batch: &RecordBatch, keys: &[String], buckets: u32) -> Result<Vec<u32>, Error> {
+/// The bucket of every row of `batch`, from its `keys` columns. With `spread_nulls`, a row
+/// with a null key goes to a bucket by its position instead.
+fn bucket_ids(
+    batch: &RecordBatch,
+    keys: &[String],
+    buckets: u32,
+    spread_nulls: bool,
+) -> Result<Vec<u32>, Error> {
     let mut hashes = vec![SEED; batch.num_rows()];
+    let mut key_columns = Vec::with_capacity(keys.len());
     for key in keys {
         let column = batch
             .column_by_name(key)
@@ -319,11 +389,27 @@ fn bucket_ids(batch: &RecordBatch, keys: &[String], buckets: u32) -> Result<Vec<
             column: key.clone(),
             source,
         })?;
+        key_columns.push(column);
     }
-    Ok(hashes
+    let mut ids: Vec<u32> = hashes
         .into_iter()
         .map(|h| (finalize(h) % u64::from(buckets)) as u32)
-        .collect())
+        .collect();
+    if spread_nulls {
+        for column in key_columns {
+            if let Some(nulls) = column.logical_nulls() {
+                for row in nulls
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, valid)| !valid)
+                    .map(|(r, _)| r)
+                {
+                    ids[row] = (row % buckets as usize) as u32;
+                }
+            }
+        }
+    }
+    Ok(ids)
 }
 
 const SEED: u64 = 0x243f_6a88_85a3_08d3;
@@ -343,6 +429,16 @@ fn finalize(mut h: u64) -> u64 {
     h ^= h >> 33;
     h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     h ^ (h >> 33)
+}
+
+fn canonical_float(v: f64) -> u64 {
+    if v.is_nan() {
+        f64::NAN.to_bits()
+    } else if v == 0.0 {
+        0
+    } else {
+        v.to_bits()
+    }
 }
 
 fn hash_bytes(bytes: &[u8]) -> u64 {
@@ -422,6 +518,12 @@ fn hash_column(column: &ArrayRef, hashes: &mut [u64]) -> Result<(), ArrowError> 
             hashes,
             column.as_binary_view().iter().map(|v| v.map(hash_bytes)),
         ),
+        // As polars compares them: -0.0 equals 0.0, every NaN is one value, and a 32-bit
+        // float joins a 64-bit one by its exact widened value.
+        DataType::Float32 => {
+            primitive::<Float32Type>(column, hashes, |v| canonical_float(f64::from(v)))
+        }
+        DataType::Float64 => primitive::<Float64Type>(column, hashes, canonical_float),
         DataType::Boolean => values(hashes, column.as_boolean().iter().map(|v| v.map(u64::from))),
         // Timestamps, other dates and times: their integer value.
         dt if dt.is_temporal() => {
@@ -445,7 +547,9 @@ fn hash_column(column: &ArrayRef, hashes: &mut [u64]) -> Result<(), ArrowError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::{Int32Array, Int64Array, StringArray, StringViewArray};
+    use arrow::array::{
+        Float32Array, Float64Array, Int32Array, Int64Array, StringArray, StringViewArray,
+    };
     use arrow::datatypes::{Field, Schema};
 
     fn batch(column: ArrayRef) -> RecordBatch {
@@ -468,6 +572,7 @@ mod tests {
         assert_eq!(plan.keys, ["orderkey"]);
         assert_eq!(plan.join_keys, ["o_orderkey"]);
         assert_eq!(plan.buckets, 10);
+        assert!(!plan.spread_nulls, "null keys are one de-duplication group");
         // Small inputs are refined whole.
         assert_eq!(BucketPlan::for_table(&both, 1000, 1000), None);
 
@@ -489,6 +594,17 @@ mod tests {
         // Neither step: nothing needs the rows together.
         let plain = silver(serde_json::json!({ "name": "t", "from": "bronze.t" }));
         assert_eq!(BucketPlan::for_table(&plain, 1_000_000, 1000), None);
+        // A join alone: rows with null keys match nothing, so they may go anywhere.
+        let join_only = silver(serde_json::json!({
+            "name": "t", "from": "bronze.t",
+            "join": { "with": "silver.u", "on": [{ "left": "a", "right": "b" }] },
+        }));
+        let plan = BucketPlan::for_table(&join_only, 5000, 1000).expect("bucketed");
+        assert!(plan.spread_nulls);
+        assert_eq!(
+            (plan.keys, plan.join_keys),
+            (vec!["a".into()], vec!["b".into()])
+        );
         // The bucket count is bounded.
         let plan = BucketPlan::for_table(&dedupe_only, u64::MAX, 1).expect("bucketed");
         assert_eq!(u64::from(plan.buckets), MAX_BUCKETS);
@@ -498,24 +614,73 @@ mod tests {
     fn equal_keys_share_a_bucket_whatever_their_encoding() {
         let keys = vec!["k".to_string()];
         let ints: Vec<Option<i64>> = (0..1000).map(|i| (i % 7 != 0).then_some(i)).collect();
-        let wide =
-            bucket_ids(&batch(Arc::new(Int64Array::from(ints.clone()))), &keys, 16).expect("int64");
+        let wide = bucket_ids(
+            &batch(Arc::new(Int64Array::from(ints.clone()))),
+            &keys,
+            16,
+            false,
+        )
+        .expect("int64");
         let narrow = bucket_ids(
             &batch(Arc::new(Int32Array::from(
                 ints.iter().map(|v| v.map(|i| i as i32)).collect::<Vec<_>>(),
             ))),
             &keys,
             16,
+            false,
         )
         .expect("int32");
         assert_eq!(wide, narrow);
         let text: Vec<Option<String>> =
             ints.iter().map(|v| v.map(|i| format!("key-{i}"))).collect();
-        let utf8 =
-            bucket_ids(&batch(Arc::new(StringArray::from(text.clone()))), &keys, 16).expect("utf8");
-        let view =
-            bucket_ids(&batch(Arc::new(StringViewArray::from(text))), &keys, 16).expect("view");
+        let utf8 = bucket_ids(
+            &batch(Arc::new(StringArray::from(text.clone()))),
+            &keys,
+            16,
+            false,
+        )
+        .expect("utf8");
+        let view = bucket_ids(
+            &batch(Arc::new(StringViewArray::from(text))),
+            &keys,
+            16,
+            false,
+        )
+        .expect("view");
         assert_eq!(utf8, view);
+        let unsigned = bucket_ids(
+            &batch(Arc::new(UInt32Array::from(
+                ints.iter().map(|v| v.map(|i| i as u32)).collect::<Vec<_>>(),
+            ))),
+            &keys,
+            16,
+            false,
+        )
+        .expect("uint32");
+        assert_eq!(wide, unsigned);
+        // Floats as polars compares them: a 32-bit value joins its exact 64-bit widening, and
+        // -0.0 equals 0.0.
+        let singles = [0.1f32, -0.0, 0.0, 2.5, f32::NAN, 1e30];
+        let doubles: Vec<f64> = singles
+            .iter()
+            .map(|v| if *v == 0.0 { 0.0 } else { f64::from(*v) })
+            .collect();
+        let single = bucket_ids(
+            &batch(Arc::new(Float32Array::from(singles.to_vec()))),
+            &keys,
+            64,
+            false,
+        )
+        .expect("float32");
+        let double = bucket_ids(
+            &batch(Arc::new(Float64Array::from(doubles))),
+            &keys,
+            64,
+            false,
+        )
+        .expect("float64");
+        assert_eq!(single, double);
+        assert_eq!(single[1], single[2], "-0.0 and 0.0 share a bucket");
         // The 857 distinct keys spread over every bucket, none taking much more than its
         // share (about 54); the nulls all share one bucket.
         let mut counts = [0usize; 16];
@@ -542,7 +707,7 @@ mod tests {
             ],
         )
         .expect("batch");
-        let parts = split_batch(&input, &["k".to_string()], 8).expect("split");
+        let parts = split_batch(&input, &["k".to_string()], 8, false).expect("split");
         assert_eq!(parts.len(), 8);
         let mut seen = Vec::new();
         for (b, part) in parts.iter().enumerate() {
@@ -563,5 +728,16 @@ mod tests {
         }
         seen.sort_unstable();
         assert_eq!(seen, (0..5000).collect::<Vec<i64>>());
+    }
+
+    #[test]
+    fn null_keys_spread_only_when_asked() {
+        let keys = vec!["k".to_string()];
+        let nulls = batch(Arc::new(Int64Array::from(vec![None::<i64>; 64])));
+        let together = bucket_ids(&nulls, &keys, 8, false).expect("together");
+        assert!(together.iter().all(|b| *b == together[0]));
+        let spread = bucket_ids(&nulls, &keys, 8, true).expect("spread");
+        let used: std::collections::BTreeSet<u32> = spread.iter().copied().collect();
+        assert_eq!(used.len(), 8);
     }
 }

@@ -38,8 +38,8 @@ pub struct Config {
     #[arg(long, env = "MEDALLION_REFINER_MAX_TASKS", default_value_t = 1)]
     pub max_tasks: usize,
     /// Input rows per bucket: a de-duplicated or joined table with more input rows is split
-    /// by key into buckets on local disk and refined one bucket at a time, so memory follows
-    /// this figure rather than the table's size.
+    /// by key into buckets on local disk and refined one bucket at a time, so its own rows are
+    /// in memory a bucket at a time rather than whole.
     #[arg(long, env = "MEDALLION_REFINER_BUCKET_ROWS", default_value_t = 500_000,
         value_parser = clap::value_parser!(u64).range(1..))]
     pub bucket_rows: u64,
@@ -56,13 +56,24 @@ pub struct Config {
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let lake = Lake::connect(&config.lake, &config.s3).await?;
     let listener = medallion_server::bind(&config.listen).await?;
+    let spool_dir = config.spool_dir.clone().unwrap_or_else(std::env::temp_dir);
+    // Spill folders are named by listen port: replicas on one host each sweep only their own.
+    let spill_owner = listener
+        .local_addr()
+        .map(|a| a.port().to_string())
+        .unwrap_or_default();
+    let swept = buckets::sweep(&spool_dir, &spill_owner);
+    if swept > 0 {
+        tracing::info!(swept, spool_dir = %spool_dir.display(), "removed spill folders left by an earlier run");
+    }
     let runner = refine::Refiner {
         lake: lake.clone(),
         bronze_flight: medallion_flight::FlightReader::new(
             medallion_server::channel(&config.bronze_flight, &config.service.tls)?,
             &config.bronze_flight,
         ),
-        spool_dir: config.spool_dir.clone().unwrap_or_else(std::env::temp_dir),
+        spool_dir,
+        spill_owner,
         bucket_rows: config.bucket_rows,
     };
     medallion_stage::serve_layer(

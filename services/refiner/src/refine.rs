@@ -22,6 +22,8 @@ pub struct Refiner {
     pub bronze_flight: FlightReader,
     /// Folder of the bucket files of tables refined bucket by bucket.
     pub spool_dir: PathBuf,
+    /// Names this refiner's spill folders, so a restarted refiner removes what it left.
+    pub spill_owner: String,
     /// Input rows per bucket: a de-duplicated or joined table with more input rows than this
     /// is refined in buckets, so it is never in memory whole.
     pub bucket_rows: u64,
@@ -87,8 +89,8 @@ impl Refiner {
     }
 
     /// De-duplicates and joins the spilled rows one bucket at a time, streaming each bucket's
-    /// result into the table's data files, and commits them all at once. The next bucket is
-    /// refined while the current one is written.
+    /// result into the table's data files; the next bucket is refined while the current one is
+    /// written. Returns the writer with every file finished and nothing committed.
     #[allow(clippy::too_many_arguments)]
     async fn write_buckets(
         &self,
@@ -99,15 +101,16 @@ impl Refiner {
         joined: Option<DataFrame>,
         progress: &Progress,
         cancel: &CancellationToken,
-    ) -> Result<medallion_lake::CommitOutcome, TaskError> {
+    ) -> Result<medallion_lake::TableWriter, TaskError> {
         let name = spec.name.clone();
         let failed =
             move |e: crate::buckets::Error| TaskError::Internal(format!("silver.{name}: {e}"));
         let joined: Arc<Vec<DataFrame>> = Arc::new(match joined {
             Some(df) => {
-                let (keys, buckets) = (plan.join_keys.clone(), plan.buckets);
+                let (keys, buckets, spread) =
+                    (plan.join_keys.clone(), plan.buckets, plan.spread_nulls);
                 tokio::task::spawn_blocking(move || {
-                    crate::buckets::split_frame(&df, &keys, buckets)
+                    crate::buckets::split_frame(&df, &keys, buckets, spread)
                 })
                 .await
                 .map_err(TaskError::internal)?
@@ -165,17 +168,11 @@ impl Refiner {
         }
         let mut writer =
             writer.ok_or_else(|| TaskError::internal("a bucketed table has no buckets"))?;
-        if cancel.is_cancelled() {
-            return Err(TaskError::Cancelled);
-        }
         writer
             .finish_part(task.input_tags())
             .await
             .map_err(TaskError::internal)?;
-        writer
-            .commit(task.commit_spec(&task.table, WriteMode::Overwrite))
-            .await
-            .map_err(TaskError::internal)
+        Ok(writer)
     }
 
     /// Reads one input whole.
@@ -194,16 +191,18 @@ impl Refiner {
     }
 
     /// Runs the row stage of `spec` on its `from` input chunk by chunk as the input streams
-    /// in, so the raw rows are never all in memory at once.
+    /// in, so the raw rows are never all in memory at once. The next chunk is read while the
+    /// row stage works on the current one.
     async fn stage_input(
         &self,
         task: &TaskRequest,
         spec: &SilverSpec,
         from: &TableRef,
-        mut out: RowOutput,
+        out: RowOutput,
         progress: &Progress,
     ) -> Result<RowOutput, TaskError> {
         let mut stage: Option<Arc<RowStage>> = None;
+        let mut chunks = ChunkRunner::new(out);
         let mut pending: Vec<RecordBatch> = Vec::new();
         let (mut pending_rows, mut rows_read, mut bytes_read) = (0usize, 0u64, 0u64);
         let phase = format!("reading and refining {from}");
@@ -216,7 +215,8 @@ impl Refiner {
             if pending_rows >= CHUNK_ROWS {
                 let batches = std::mem::take(&mut pending);
                 pending_rows = 0;
-                out = run_stage(spec, &mut stage, batches[0].schema(), batches, out).await?;
+                let schema = batches[0].schema();
+                chunks.start(spec, &mut stage, schema, batches).await?;
                 progress.report(&phase, rows_read, bytes_read, false);
             }
         }
@@ -226,10 +226,63 @@ impl Refiner {
                 Some(batch) => batch.schema(),
                 None => input.schema()?,
             };
-            out = run_stage(spec, &mut stage, schema, pending, out).await?;
+            chunks.start(spec, &mut stage, schema, pending).await?;
         }
+        let out = chunks.finish().await?;
         progress.report(&phase, rows_read, bytes_read, true);
         Ok(out)
+    }
+}
+
+/// The row stage over a stream of chunks, one chunk at a time, off the async threads: a chunk
+/// runs while the caller reads the next.
+struct ChunkRunner {
+    /// The output, while no chunk runs.
+    idle: Option<RowOutput>,
+    running: Option<tokio::task::JoinHandle<Result<RowOutput, TaskError>>>,
+}
+
+impl ChunkRunner {
+    fn new(out: RowOutput) -> ChunkRunner {
+        ChunkRunner {
+            idle: Some(out),
+            running: None,
+        }
+    }
+
+    /// The output once the running chunk (if any) is done.
+    async fn finish(&mut self) -> Result<RowOutput, TaskError> {
+        match self.running.take() {
+            Some(chunk) => chunk.await.map_err(TaskError::internal)?,
+            None => self
+                .idle
+                .take()
+                .ok_or_else(|| TaskError::internal("the row stage's output was lost")),
+        }
+    }
+
+    /// Waits for the running chunk, then starts the row stage (made on first use) on `batches`.
+    async fn start(
+        &mut self,
+        spec: &SilverSpec,
+        stage: &mut Option<Arc<RowStage>>,
+        schema: SchemaRef,
+        batches: Vec<RecordBatch>,
+    ) -> Result<(), TaskError> {
+        let chunk = medallion_frames::frame_from_batches(&schema, &batches)
+            .map_err(|e| TaskError::internal(format!("silver.{}: input: {e}", spec.name)))?;
+        drop(batches);
+        let stage = match stage {
+            Some(s) => s.clone(),
+            None => stage
+                .insert(Arc::new(RowStage::new(spec, &chunk.schema())?))
+                .clone(),
+        };
+        let mut out = self.finish().await?;
+        self.running = Some(tokio::task::spawn_blocking(move || {
+            stage.apply(chunk, &mut out).map(|()| out)
+        }));
+        Ok(())
     }
 }
 
@@ -263,28 +316,6 @@ impl Input {
             Input::Lake { schema, .. } => Ok(schema.clone()),
         }
     }
-}
-
-/// Runs the row stage (made on first use) on one chunk of input batches, off the async threads.
-async fn run_stage(
-    spec: &SilverSpec,
-    stage: &mut Option<Arc<RowStage>>,
-    schema: SchemaRef,
-    batches: Vec<RecordBatch>,
-    mut out: RowOutput,
-) -> Result<RowOutput, TaskError> {
-    let chunk = medallion_frames::frame_from_batches(&schema, &batches)
-        .map_err(|e| TaskError::internal(format!("silver.{}: input: {e}", spec.name)))?;
-    drop(batches);
-    let stage = match stage {
-        Some(s) => s.clone(),
-        None => stage
-            .insert(Arc::new(RowStage::new(spec, &chunk.schema())?))
-            .clone(),
-    };
-    tokio::task::spawn_blocking(move || stage.apply(chunk, &mut out).map(|()| out))
-        .await
-        .map_err(TaskError::internal)?
 }
 
 #[tonic::async_trait]
@@ -347,7 +378,7 @@ impl TaskRunner for Refiner {
             Some(from) => {
                 let out = match &plan {
                     Some(plan) => RowOutput::spilling(
-                        Spill::create(&self.spool_dir, &name, plan)
+                        Spill::create(&self.spool_dir, &self.spill_owner, &name, plan)
                             .map_err(|e| TaskError::Internal(format!("silver.{name}: {e}")))?,
                     ),
                     None => RowOutput::default(),
@@ -381,15 +412,12 @@ impl TaskRunner for Refiner {
         let Kept::Spilled(spill) = kept else {
             return Err(TaskError::internal("bucketed rows were not spilled"));
         };
-        let quarantined_rows = self
-            .commit_quarantine(&task, quarantine.as_ref(), &progress)
-            .await?;
         let spilled = tokio::task::spawn_blocking(move || spill.finish())
             .await
             .map_err(TaskError::internal)?
             .map_err(|e| TaskError::Internal(format!("silver.{name}: {e}")))?;
         let joined = spec.join.as_ref().and_then(|j| inputs.remove(&j.with));
-        let outcome = self
+        let writer = self
             .write_buckets(
                 &task,
                 Arc::new(spec),
@@ -400,6 +428,18 @@ impl TaskRunner for Refiner {
                 &cancel,
             )
             .await?;
+        if cancel.is_cancelled() {
+            return Err(TaskError::Cancelled);
+        }
+        // Every bucket is refined and its files written before anything is committed; then
+        // quarantine first, as in `finish_whole`.
+        let quarantined_rows = self
+            .commit_quarantine(&task, quarantine.as_ref(), &progress)
+            .await?;
+        let outcome = writer
+            .commit(task.commit_spec(&task.table, WriteMode::Overwrite))
+            .await
+            .map_err(TaskError::internal)?;
         let mut manifest = Manifest::after_commit(&self.lake, &task.table, &outcome).await?;
         let write_secs = started.elapsed().as_secs_f64() - read_secs;
         tracing::info!(table = %task.table, read_secs, buckets = plan.buckets, refine_and_write_secs = write_secs, "refined");
