@@ -240,9 +240,14 @@ impl Engine {
         Ok(p.clone())
     }
 
-    /// Every table's latest version as the pipeline's runs on record left it, newest first.
+    /// Every table's latest version as the pipeline's runs on record left it. A version counts
+    /// as committed when the earliest task on record that reported it finished: usually the
+    /// task that committed it, but a Kafka source's bronze is committed by its consumers between
+    /// tasks, so the first task to see a version may not be the one that wrote it.
     pub fn freshness(&self, pipeline: &str) -> Vec<TableFreshness> {
         let mut tables: BTreeMap<String, TableFreshness> = BTreeMap::new();
+        // Newest run first: the first manifest of a table names its latest version, and older
+        // runs that reported the same version move its commit time back.
         for run in self.runs(pipeline, usize::MAX) {
             for task in &run.tasks {
                 let Some(m) = &task.manifest else { continue };
@@ -254,7 +259,7 @@ impl Engine {
                         committed_at_ms: 0,
                         source_lag: m.source_lag,
                     });
-                if entry.committed_at_ms == 0 && m.committed && m.version == entry.version {
+                if m.version == entry.version && task.finished_at_ms > 0 {
                     entry.committed_at_ms = task.finished_at_ms;
                 }
             }
