@@ -57,6 +57,21 @@ impl Lcg {
 
 type Event = (Option<String>, i64, i64, Option<i64>);
 
+/// Every row of `table` (read over Flight) as `row` makes it, sorted.
+async fn sorted_rows<T: Ord>(
+    cluster: &Cluster,
+    table: &str,
+    row: impl Fn(&arrow::record_batch::RecordBatch, usize) -> T,
+) -> Vec<T> {
+    let batches = cluster.read(table).await.expect("read");
+    let mut rows: Vec<T> = batches
+        .iter()
+        .flat_map(|b| (0..b.num_rows()).map(|r| row(b, r)).collect::<Vec<_>>())
+        .collect();
+    rows.sort();
+    rows
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn tables_refined_in_buckets_equal_the_whole_table_computation() {
     let spool = tempfile::tempdir().expect("spool folder");
@@ -160,74 +175,52 @@ async fn tables_refined_in_buckets_equal_the_whole_table_computation() {
         .collect();
     want_customers.sort();
 
-    let batches = cluster
-        .read("silver.customers")
-        .await
-        .expect("read customers");
-    let mut got: Vec<(String, String, i64)> = Vec::new();
-    for b in &batches {
-        for r in 0..b.num_rows() {
-            got.push((
-                values::string(b, "name", r).expect("name"),
-                values::string(b, "segment", r).expect("segment"),
-                values::int(b, "version", r),
-            ));
-        }
-    }
-    got.sort();
+    let got = sorted_rows(&cluster, "silver.customers", |b, r| {
+        (
+            values::string(b, "name", r).expect("name"),
+            values::string(b, "segment", r).expect("segment"),
+            values::int(b, "version", r),
+        )
+    })
+    .await;
     assert_eq!(got, want_customers, "silver.customers");
 
-    let batches = cluster.read("silver.latest").await.expect("read latest");
-    let mut got = Vec::new();
-    for b in &batches {
-        for r in 0..b.num_rows() {
-            got.push((
-                values::string(b, "customer", r),
-                values::int(b, "id", r),
-                values::int(b, "seq", r),
-                values::int(b, "amount", r),
-                values::string(b, "segment", r),
-            ));
-        }
-    }
-    got.sort();
+    let got = sorted_rows(&cluster, "silver.latest", |b, r| {
+        (
+            values::string(b, "customer", r),
+            values::int(b, "id", r),
+            values::int(b, "seq", r),
+            values::int(b, "amount", r),
+            values::string(b, "segment", r),
+        )
+    })
+    .await;
     assert_eq!(got.len(), want_latest.len(), "silver.latest rows");
     assert_eq!(got, want_latest, "silver.latest");
 
-    let batches = cluster
-        .read("silver.first_seen")
-        .await
-        .expect("read first_seen");
-    let mut got = Vec::new();
-    for b in &batches {
-        for r in 0..b.num_rows() {
-            got.push((
-                values::string(b, "customer", r),
-                values::int(b, "id", r),
-                values::int(b, "seq", r),
-            ));
-        }
-    }
-    got.sort();
+    let got = sorted_rows(&cluster, "silver.first_seen", |b, r| {
+        (
+            values::string(b, "customer", r),
+            values::int(b, "id", r),
+            values::int(b, "seq", r),
+        )
+    })
+    .await;
     assert_eq!(got, want_first, "silver.first_seen");
 
-    let batches = cluster.read("silver.matched").await.expect("read matched");
-    let mut got = Vec::new();
-    for b in &batches {
-        for r in 0..b.num_rows() {
-            let amount = b
-                .column_by_name("amount")
-                .is_some_and(|c| !arrow::array::Array::is_null(c, r))
-                .then(|| values::int(b, "amount", r));
-            got.push((
-                values::string(b, "customer", r).expect("customer"),
-                values::int(b, "id", r),
-                amount,
-                values::string(b, "segment", r).expect("segment"),
-            ));
-        }
-    }
-    got.sort();
+    let got = sorted_rows(&cluster, "silver.matched", |b, r| {
+        let amount = b
+            .column_by_name("amount")
+            .is_some_and(|c| !arrow::array::Array::is_null(c, r))
+            .then(|| values::int(b, "amount", r));
+        (
+            values::string(b, "customer", r).expect("customer"),
+            values::int(b, "id", r),
+            amount,
+            values::string(b, "segment", r).expect("segment"),
+        )
+    })
+    .await;
     assert_eq!(got.len(), want_matched.len(), "silver.matched rows");
     assert_eq!(got, want_matched, "silver.matched");
 

@@ -29,8 +29,14 @@ use polars::prelude::DataFrame;
 /// Most buckets one table is split into (each is an open file while the rows stream in).
 const MAX_BUCKETS: u64 = 256;
 
-/// Start of the names of the spill folders of one refiner (see [`sweep`]).
-const SPILL_PREFIX: &str = "medallion-refiner-";
+/// Start of the names of spill folders (see [`sweep`]).
+const SPILL_PREFIX: &str = "medallion-spill-";
+
+/// File in a spill folder that its task holds locked while the folder is in use.
+const LOCK_FILE: &str = "in-use.lock";
+
+/// A spill folder without a lock file is left alone this long: its task may be making it.
+const UNLOCKED_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Why rows could not be bucketed.
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +142,8 @@ impl BucketPlan {
 /// Rows being written into bucket files, one Arrow IPC stream per bucket.
 pub struct Spill {
     dir: tempfile::TempDir,
+    /// Held locked for as long as the folder is in use (the OS lets go when the process dies).
+    lock: File,
     keys: Vec<String>,
     buckets: u32,
     spread_nulls: bool,
@@ -146,23 +154,25 @@ pub struct Spill {
 }
 
 impl Spill {
-    /// Starts spilling into a new folder under `spool_dir` (removed when the spill is dropped),
-    /// named for `owner` (this refiner, see [`sweep`]) and `table`.
-    pub fn create(
-        spool_dir: &Path,
-        owner: &str,
-        table: &str,
-        plan: &BucketPlan,
-    ) -> Result<Spill, Error> {
+    /// Starts spilling into a new folder under `spool_dir` (removed when the spill is dropped).
+    pub fn create(spool_dir: &Path, table: &str, plan: &BucketPlan) -> Result<Spill, Error> {
         let dir = tempfile::Builder::new()
-            .prefix(&format!("{SPILL_PREFIX}{owner}.{table}."))
+            .prefix(&format!("{SPILL_PREFIX}{table}-"))
             .tempdir_in(spool_dir)
             .map_err(|source| Error::SpoolDir {
                 path: spool_dir.to_path_buf(),
                 source,
             })?;
+        let lock_path = dir.path().join(LOCK_FILE);
+        let lock = File::create(&lock_path)
+            .and_then(|file| file.try_lock().map_err(std::io::Error::from).map(|()| file))
+            .map_err(|source| Error::Io {
+                path: lock_path,
+                source,
+            })?;
         Ok(Spill {
             dir,
+            lock,
             keys: plan.keys.clone(),
             buckets: plan.buckets,
             spread_nulls: plan.spread_nulls,
@@ -240,6 +250,7 @@ impl Spill {
         Ok(SpilledBuckets {
             schema: self.schema.take().ok_or(Error::NothingStaged)?,
             dir: self.dir,
+            _lock: self.lock,
         })
     }
 }
@@ -252,6 +263,7 @@ fn bucket_path(dir: &Path, bucket: u32) -> PathBuf {
 pub struct SpilledBuckets {
     dir: tempfile::TempDir,
     schema: SchemaRef,
+    _lock: File,
 }
 
 impl SpilledBuckets {
@@ -283,16 +295,25 @@ impl SpilledBuckets {
     }
 }
 
-/// Removes the spill folders `owner` left behind when it stopped without cleaning up (killed,
-/// or out of memory). Returns how many were removed.
-pub fn sweep(spool_dir: &Path, owner: &str) -> usize {
-    let prefix = format!("{SPILL_PREFIX}{owner}.");
+/// Removes the spill folders under `spool_dir` that no running task holds: those a refiner
+/// left when it was killed or ran out of memory. A folder is in use while its lock file is
+/// locked; a folder without one is left alone for a while, as its task may be making it.
+/// Returns how many were removed.
+pub fn sweep(spool_dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(spool_dir) else {
         return 0;
     };
+    let abandoned = |dir: &Path| match File::open(dir.join(LOCK_FILE)) {
+        Ok(lock) => lock.try_lock().is_ok(),
+        Err(_) => std::fs::metadata(dir)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > UNLOCKED_GRACE)),
+    };
     entries
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .filter(|e| e.file_name().to_string_lossy().starts_with(SPILL_PREFIX))
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| abandoned(&e.path()))
         .filter(|e| std::fs::remove_dir_all(e.path()).is_ok())
         .count()
 }
@@ -728,6 +749,32 @@ mod tests {
         }
         seen.sort_unstable();
         assert_eq!(seen, (0..5000).collect::<Vec<i64>>());
+    }
+
+    #[test]
+    fn a_sweep_removes_only_folders_no_task_holds() {
+        let spool = tempfile::tempdir().expect("spool");
+        let plan = BucketPlan {
+            keys: vec!["k".into()],
+            join_keys: Vec::new(),
+            buckets: 2,
+            spread_nulls: false,
+        };
+        let live = Spill::create(spool.path(), "live", &plan).expect("live spill");
+        let left = Spill::create(spool.path(), "left", &plan).expect("left spill");
+        let left_path = left.dir.path().to_path_buf();
+        // A killed task's folder: it stays on disk, its lock is gone with the process.
+        drop(left.lock);
+        std::mem::forget(left.dir);
+        let making = spool.path().join(format!("{SPILL_PREFIX}new-1234"));
+        std::fs::create_dir(&making).expect("folder being made");
+        let other = spool.path().join("someone-else");
+        std::fs::create_dir(&other).expect("other folder");
+
+        assert_eq!(sweep(spool.path()), 1);
+        assert!(!left_path.exists(), "the abandoned folder is removed");
+        assert!(live.dir.path().exists(), "a folder in use is kept");
+        assert!(making.exists() && other.exists());
     }
 
     #[test]

@@ -57,12 +57,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let lake = Lake::connect(&config.lake, &config.s3).await?;
     let listener = medallion_server::bind(&config.listen).await?;
     let spool_dir = config.spool_dir.clone().unwrap_or_else(std::env::temp_dir);
-    // Spill folders are named by listen port: replicas on one host each sweep only their own.
-    let spill_owner = listener
-        .local_addr()
-        .map(|a| a.port().to_string())
-        .unwrap_or_default();
-    let swept = buckets::sweep(&spool_dir, &spill_owner);
+    let swept = buckets::sweep(&spool_dir);
     if swept > 0 {
         tracing::info!(swept, spool_dir = %spool_dir.display(), "removed spill folders left by an earlier run");
     }
@@ -73,7 +68,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             &config.bronze_flight,
         ),
         spool_dir,
-        spill_owner,
         bucket_rows: config.bucket_rows,
     };
     medallion_stage::serve_layer(

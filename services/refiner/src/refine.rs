@@ -22,8 +22,6 @@ pub struct Refiner {
     pub bronze_flight: FlightReader,
     /// Folder of the bucket files of tables refined bucket by bucket.
     pub spool_dir: PathBuf,
-    /// Names this refiner's spill folders, so a restarted refiner removes what it left.
-    pub spill_owner: String,
     /// Input rows per bucket: a de-duplicated or joined table with more input rows than this
     /// is refined in buckets, so it is never in memory whole.
     pub bucket_rows: u64,
@@ -378,7 +376,7 @@ impl TaskRunner for Refiner {
             Some(from) => {
                 let out = match &plan {
                     Some(plan) => RowOutput::spilling(
-                        Spill::create(&self.spool_dir, &self.spill_owner, &name, plan)
+                        Spill::create(&self.spool_dir, &name, plan)
                             .map_err(|e| TaskError::Internal(format!("silver.{name}: {e}")))?,
                     ),
                     None => RowOutput::default(),
