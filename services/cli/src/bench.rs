@@ -24,6 +24,10 @@ pub struct BenchArgs {
     pub work: PathBuf,
     #[arg(long, default_value_t = 50080)]
     pub base_port: u16,
+    /// tpch: runs of each path, alternating (services, one process, services, ...); the
+    /// figures are the medians over the runs, and peak memory the highest.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub runs: u32,
     /// Lake of the services run: `s3://bucket/prefix` puts it on S3 (settings from MEDALLION_S3_*
     /// and AWS_* in the environment); each run writes under a fresh prefix below it. Default: a
     /// folder in the work folder, made anew each run.
@@ -174,6 +178,29 @@ async fn services_path(
     result
 }
 
+/// The median of each layer's seconds and of the totals over several runs.
+fn medians(runs: &[(BTreeMap<&'static str, f64>, f64)]) -> (BTreeMap<&'static str, f64>, f64) {
+    fn median(mut values: Vec<f64>) -> f64 {
+        values.sort_by(f64::total_cmp);
+        match values.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => values[n / 2],
+            n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+        }
+    }
+    let layers = ["bronze", "silver", "gold"]
+        .into_iter()
+        .map(|layer| {
+            let seconds = runs
+                .iter()
+                .map(|(l, _)| l.get(layer).copied().unwrap_or(0.0))
+                .collect();
+            (layer, median(seconds))
+        })
+        .collect();
+    (layers, median(runs.iter().map(|(_, t)| *t).collect()))
+}
+
 /// Reads one source the way the ingestor does (same reader, same lineage columns).
 async fn read_source(pipeline: &Pipeline, name: &str, base: &str) -> anyhow::Result<DataFrame> {
     let source = pipeline.source(name).context("source")?.clone();
@@ -270,11 +297,41 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         count("lineitem")? + count("orders")?
     };
 
-    println!("\n== through the services ==");
-    let (svc_layers, svc_total, rss) = services_path(&args, &work).await?;
-    println!("\n== one process, polars alone ==");
-    let (inp_layers, inp_total, inp_rss) = in_process_path(&work).await?;
-
+    let mut svc_runs = Vec::new();
+    let mut inp_runs = Vec::new();
+    let mut rss: Vec<(String, u64)> = Vec::new();
+    let mut inp_rss = 0;
+    for run in 1..=args.runs {
+        let of = if args.runs > 1 {
+            format!(" (run {run} of {})", args.runs)
+        } else {
+            String::new()
+        };
+        println!("\n== through the services{of} ==");
+        let (layers, total, peaks) = services_path(&args, &work).await?;
+        for (name, bytes) in peaks {
+            match rss.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, peak)) => *peak = (*peak).max(bytes),
+                None => rss.push((name, bytes)),
+            }
+        }
+        println!("\n== one process, polars alone{of} ==");
+        let (in_layers, in_total, in_peak) = in_process_path(&work).await?;
+        inp_rss = inp_rss.max(in_peak);
+        if args.runs > 1 {
+            println!(
+                "run {run}: services {total:.2} s, one process {in_total:.2} s, ratio {:.2}",
+                total / in_total.max(1e-9)
+            );
+        }
+        svc_runs.push((layers, total));
+        inp_runs.push((in_layers, in_total));
+    }
+    let (svc_layers, svc_total) = medians(&svc_runs);
+    let (inp_layers, inp_total) = medians(&inp_runs);
+    if args.runs > 1 {
+        println!("\nmedians of {} runs of each path", args.runs);
+    }
     println!(
         "\nTPC-H scale factor {} ({} source rows)",
         args.scale_factor,
