@@ -1,6 +1,6 @@
 //! Hash buckets of a silver table's rows, spilled to local disk as Arrow IPC, so that the
-//! whole-table steps (de-duplication and the join) run one bucket at a time: memory follows
-//! the size of a bucket, not of the table.
+//! whole-table steps (de-duplication and the join) run one bucket at a time: the table's own
+//! rows are in memory a bucket at a time, never whole (the joined table is held whole).
 //!
 //! Rows are bucketed by columns that every whole-table step groups by: the de-duplication
 //! keys, or the join's keys, or the join keys that are also de-duplication keys. Two rows
