@@ -578,6 +578,17 @@ mod tests {
         RecordBatch::try_new(Arc::new(schema), vec![column]).expect("batch")
     }
 
+    /// The bucket of each value of `column`, used as the only key.
+    fn ids(column: impl Array + 'static, buckets: u32, spread_nulls: bool) -> Vec<u32> {
+        bucket_ids(
+            &batch(Arc::new(column)),
+            &["k".to_string()],
+            buckets,
+            spread_nulls,
+        )
+        .expect("bucket ids")
+    }
+
     fn silver(json: serde_json::Value) -> SilverSpec {
         serde_json::from_value(json).expect("silver spec")
     }
@@ -633,51 +644,24 @@ mod tests {
 
     #[test]
     fn equal_keys_share_a_bucket_whatever_their_encoding() {
-        let keys = vec!["k".to_string()];
         let ints: Vec<Option<i64>> = (0..1000).map(|i| (i % 7 != 0).then_some(i)).collect();
-        let wide = bucket_ids(
-            &batch(Arc::new(Int64Array::from(ints.clone()))),
-            &keys,
+        let wide = ids(Int64Array::from(ints.clone()), 16, false);
+        let narrow = ids(
+            Int32Array::from(ints.iter().map(|v| v.map(|i| i as i32)).collect::<Vec<_>>()),
             16,
             false,
-        )
-        .expect("int64");
-        let narrow = bucket_ids(
-            &batch(Arc::new(Int32Array::from(
-                ints.iter().map(|v| v.map(|i| i as i32)).collect::<Vec<_>>(),
-            ))),
-            &keys,
-            16,
-            false,
-        )
-        .expect("int32");
+        );
         assert_eq!(wide, narrow);
         let text: Vec<Option<String>> =
             ints.iter().map(|v| v.map(|i| format!("key-{i}"))).collect();
-        let utf8 = bucket_ids(
-            &batch(Arc::new(StringArray::from(text.clone()))),
-            &keys,
-            16,
-            false,
-        )
-        .expect("utf8");
-        let view = bucket_ids(
-            &batch(Arc::new(StringViewArray::from(text))),
-            &keys,
-            16,
-            false,
-        )
-        .expect("view");
+        let utf8 = ids(StringArray::from(text.clone()), 16, false);
+        let view = ids(StringViewArray::from(text), 16, false);
         assert_eq!(utf8, view);
-        let unsigned = bucket_ids(
-            &batch(Arc::new(UInt32Array::from(
-                ints.iter().map(|v| v.map(|i| i as u32)).collect::<Vec<_>>(),
-            ))),
-            &keys,
+        let unsigned = ids(
+            UInt32Array::from(ints.iter().map(|v| v.map(|i| i as u32)).collect::<Vec<_>>()),
             16,
             false,
-        )
-        .expect("uint32");
+        );
         assert_eq!(wide, unsigned);
         // Floats as polars compares them: a 32-bit value joins its exact 64-bit widening, and
         // -0.0 equals 0.0.
@@ -686,20 +670,8 @@ mod tests {
             .iter()
             .map(|v| if *v == 0.0 { 0.0 } else { f64::from(*v) })
             .collect();
-        let single = bucket_ids(
-            &batch(Arc::new(Float32Array::from(singles.to_vec()))),
-            &keys,
-            64,
-            false,
-        )
-        .expect("float32");
-        let double = bucket_ids(
-            &batch(Arc::new(Float64Array::from(doubles))),
-            &keys,
-            64,
-            false,
-        )
-        .expect("float64");
+        let single = ids(Float32Array::from(singles.to_vec()), 64, false);
+        let double = ids(Float64Array::from(doubles), 64, false);
         assert_eq!(single, double);
         assert_eq!(single[1], single[2], "-0.0 and 0.0 share a bucket");
         // The 857 distinct keys spread over every bucket, none taking much more than its
@@ -779,11 +751,10 @@ mod tests {
 
     #[test]
     fn null_keys_spread_only_when_asked() {
-        let keys = vec!["k".to_string()];
-        let nulls = batch(Arc::new(Int64Array::from(vec![None::<i64>; 64])));
-        let together = bucket_ids(&nulls, &keys, 8, false).expect("together");
+        let nulls = || Int64Array::from(vec![None::<i64>; 64]);
+        let together = ids(nulls(), 8, false);
         assert!(together.iter().all(|b| *b == together[0]));
-        let spread = bucket_ids(&nulls, &keys, 8, true).expect("spread");
+        let spread = ids(nulls(), 8, true);
         let used: std::collections::BTreeSet<u32> = spread.iter().copied().collect();
         assert_eq!(used.len(), 8);
     }
