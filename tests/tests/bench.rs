@@ -1,0 +1,109 @@
+//! `medallion bench tpch` at a small scale: both paths run for every run, each run's figures,
+//! the per-layer summary and every process's peak memory are printed. The figures themselves
+//! are not judged here (timed numbers belong to the benchmark, not to a test).
+
+use std::net::TcpListener;
+
+/// A base port with it and the next three free (the bench's services take four in a row).
+fn four_free_ports() -> u16 {
+    for _ in 0..100 {
+        let base = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        if base > u16::MAX - 4 {
+            continue;
+        }
+        if (1..4).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no four consecutive free ports on 127.0.0.1");
+}
+
+/// The number in `text` after `label` and any spaces (e.g. "services" in "services 1.23 s").
+fn number_after(text: &str, label: &str) -> f64 {
+    let rest = text[text
+        .find(label)
+        .unwrap_or_else(|| panic!("no {label:?} in {text:?}"))
+        + label.len()..]
+        .trim_start();
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(rest.len());
+    rest[..end]
+        .parse()
+        .unwrap_or_else(|_| panic!("no number after {label:?} in {text:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_tpch_runs_both_paths_and_prints_their_figures() {
+    let work = tempfile::tempdir().expect("work folder");
+    let output = tokio::process::Command::new(medallion_tests::bin_dir().join("medallion"))
+        .args(["bench", "tpch", "--scale-factor", "0.01", "--runs", "2"])
+        .arg("--work")
+        .arg(work.path())
+        .args(["--base-port", &four_free_ports().to_string()])
+        .output()
+        .await
+        .expect("run medallion bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "bench failed: {}\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    for run in ["run 1:", "run 2:"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(run))
+            .unwrap_or_else(|| panic!("no {run:?} line in:\n{stdout}"));
+        let (services, one_process) = line.split_once("one process").expect("both paths");
+        for (path, text) in [("services", services), ("one process", one_process)] {
+            for label in [": services ", "bronze ", "silver ", "gold "] {
+                if path == "one process" && label == ": services " {
+                    continue;
+                }
+                assert!(
+                    number_after(text, label) > 0.0,
+                    "{path} {label:?} is not positive: {line}"
+                );
+            }
+        }
+        assert!(number_after(one_process, " ") > 0.0, "{line}");
+        assert!(number_after(line, "ratio ") > 0.0, "{line}");
+    }
+
+    let summary = stdout
+        .split("medians of 2 runs of each path")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no summary of medians in:\n{stdout}"));
+    for layer in ["bronze", "silver", "gold", "total"] {
+        let row = summary
+            .lines()
+            .find(|l| l.starts_with(layer))
+            .unwrap_or_else(|| panic!("no {layer} row in:\n{summary}"));
+        let figures: Vec<f64> = row
+            .split_whitespace()
+            .skip(1)
+            .map(|f| f.parse().expect("a number"))
+            .collect();
+        assert_eq!(figures.len(), 3, "{row}");
+        assert!(figures.iter().all(|f| *f > 0.0), "{row}");
+    }
+    for process in [
+        "medallion-ingestor",
+        "medallion-refiner",
+        "medallion-aggregator",
+        "services total",
+        "one process",
+    ] {
+        let row = summary
+            .lines()
+            .find(|l| l.trim_start().starts_with(process))
+            .unwrap_or_else(|| panic!("no peak memory of {process} in:\n{summary}"));
+        assert!(number_after(row, process) >= 0.01, "{row}");
+    }
+}
