@@ -40,7 +40,7 @@ pub struct Config {
     /// Input rows per bucket: a de-duplicated or joined table with more input rows is split
     /// by key into buckets on local disk and refined one bucket at a time, so its own rows are
     /// in memory a bucket at a time rather than whole.
-    #[arg(long, env = "MEDALLION_REFINER_BUCKET_ROWS", default_value_t = 500_000,
+    #[arg(long, env = "MEDALLION_REFINER_BUCKET_ROWS", default_value_t = 250_000,
         value_parser = clap::value_parser!(u64).range(1..))]
     pub bucket_rows: u64,
     /// Folder the bucket files are written to (default: the system temp folder).
