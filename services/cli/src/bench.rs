@@ -29,8 +29,9 @@ pub struct BenchArgs {
     pub work: PathBuf,
     #[arg(long, default_value_t = 50080)]
     pub base_port: u16,
-    /// tpch: runs of each path, alternating (services, one process, services, ...); the
-    /// figures are the medians over the runs, and peak memory the highest.
+    /// tpch: runs of each path, alternating (services, one process, services, ...); each
+    /// run's figures are printed, and the summary gives the medians over the runs (peak
+    /// memory: the highest).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub runs: u32,
     /// Lake of the services run: `s3://bucket/prefix` puts it on S3 (settings from MEDALLION_S3_*
@@ -290,17 +291,26 @@ async fn in_fresh_process(
     work: &std::path::Path,
 ) -> anyhow::Result<(BTreeMap<&'static str, f64>, f64, u64)> {
     let exe = std::env::current_exe().context("cannot locate the medallion executable")?;
-    let output = tokio::process::Command::new(exe)
+    let output = tokio::process::Command::new(&exe)
         .args(["bench", "tpch", "--one-process-only", "--work"])
         .arg(work)
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
         .output()
         .await
-        .context("cannot start the one-process run")?;
+        .with_context(|| format!("cannot start the one-process run ({})", exe.display()))?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
-        anyhow::bail!("the one-process run failed ({}): {stdout}", output.status);
+        anyhow::bail!(
+            "the one-process run failed ({}); its error is printed above{}",
+            output.status,
+            if stdout.trim().is_empty() {
+                String::new()
+            } else {
+                format!(", its output was: {stdout}")
+            }
+        );
     }
     let line = stdout
         .lines()
@@ -334,6 +344,10 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.work)?;
     let work = std::fs::canonicalize(&args.work)?;
     if args.which == "cdc" {
+        anyhow::ensure!(
+            !args.one_process_only,
+            "--one-process-only is a tpch benchmark setting"
+        );
         return crate::bench_cdc::bench(&args, &work).await;
     }
     if args.one_process_only {
