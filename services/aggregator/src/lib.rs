@@ -50,6 +50,7 @@ pub struct Config {
 
 /// Serves the stage API and gold Flight until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    medallion_frames::log_polars_warnings();
     let lake = Lake::connect(&config.lake, &config.s3).await?;
     let listener = medallion_server::bind(&config.listen).await?;
     let runner = aggregate::Aggregator {

@@ -54,6 +54,7 @@ pub struct Config {
 
 /// Serves the stage API and silver and quarantine Flight until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    medallion_frames::log_polars_warnings();
     let lake = Lake::connect(&config.lake, &config.s3).await?;
     let listener = medallion_server::bind(&config.listen).await?;
     let spool_dir = config.spool_dir.clone().unwrap_or_else(std::env::temp_dir);

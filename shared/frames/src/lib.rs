@@ -113,6 +113,19 @@ const _: () = {
     assert!(align_of::<pl_ffi::ArrowSchema>() == align_of::<FFI_ArrowSchema>());
 };
 
+/// Sends polars' own warnings to the service's log as events of target `polars`, instead of
+/// bare lines on stderr that a structured log pipeline cannot parse. Deprecations are about
+/// polars' internals (its SQL casts `DATE '…'` literals in a way it has deprecated, say), not
+/// about the user's spec, so they are logged at debug; other warnings at warn.
+pub fn log_polars_warnings() {
+    polars::error::set_warning_function(|message, kind| match kind {
+        polars::error::PolarsWarning::Deprecation => {
+            tracing::debug!(target: "polars", kind = ?kind, "{message}")
+        }
+        _ => tracing::warn!(target: "polars", kind = ?kind, "{message}"),
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // arrow-rs -> polars
 // ---------------------------------------------------------------------------------------------
