@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use arrow::{
-    array::{Int64Array, StringArray},
+    array::{Array, AsArray, Int64Array, StringArray},
     datatypes::{DataType, Field, Schema},
     record_batch::RecordBatch,
 };
@@ -133,4 +133,65 @@ async fn formats_land_and_changed_files_replace_their_rows() {
         .collect();
     names.sort();
     assert_eq!(names, ["dos", "nine", "tres", "uno"]);
+}
+
+/// Text dates and times in a declared `format` are read in that format: `03/02/2024` is the
+/// 2nd of March when the spec says month first (inference would read it day first).
+#[tokio::test(flavor = "multi_thread")]
+async fn text_dates_and_times_are_read_in_the_declared_format() {
+    const DATES: &str = r#"
+name: dates
+sources:
+  - { name: visits, format: csv, path: visits.csv }
+silver:
+  - name: visits
+    from: bronze.visits
+    columns:
+      - { name: id, type: int64 }
+      - { name: day, type: date, format: "%m/%d/%Y" }
+      - { name: at, type: timestamp, format: "%m/%d/%Y %H:%M" }
+"#;
+    let cluster = Cluster::start(None).await.expect("cluster");
+    std::fs::create_dir_all(cluster.data_dir()).expect("mkdir");
+    std::fs::write(
+        cluster.data_dir().join("visits.csv"),
+        "id,day,at\n1,01/31/2024,01/31/2024 23:05\n2,03/02/2024,03/02/2024 07:00\n3,,\n",
+    )
+    .expect("csv");
+    cluster.apply(DATES).await.expect("apply");
+    let (run, _) = cluster.run("dates", false).await.expect("run");
+    assert!(succeeded(&run), "{run:?}");
+
+    let batches = cluster.read("silver.visits").await.expect("read");
+    let mut rows = Vec::new();
+    for batch in &batches {
+        let text = |name: &str| {
+            let column = batch.column_by_name(name).expect("column");
+            arrow::compute::cast(column, &DataType::Utf8).expect("as text")
+        };
+        let (day, at) = (text("day"), text("at"));
+        let (day, at) = (day.as_string::<i32>(), at.as_string::<i32>());
+        for row in 0..batch.num_rows() {
+            let value =
+                |a: &arrow::array::StringArray| a.is_valid(row).then(|| a.value(row).to_string());
+            rows.push((values::int(batch, "id", row), value(day), value(at)));
+        }
+    }
+    rows.sort();
+    assert_eq!(
+        rows,
+        [
+            (
+                1,
+                Some("2024-01-31".into()),
+                Some("2024-01-31T23:05:00Z".into())
+            ),
+            (
+                2,
+                Some("2024-03-02".into()),
+                Some("2024-03-02T07:00:00Z".into())
+            ),
+            (3, None, None),
+        ]
+    );
 }

@@ -439,6 +439,11 @@ pub struct ColumnSpec {
     /// A SQL expression over the input columns.
     #[serde(default)]
     pub expr: Option<String>,
+    /// How a text `date` or `timestamp` column is written, in strftime items (`%d/%m/%Y`).
+    /// Without it the format is inferred from the first value, which is slower and cannot
+    /// tell `01/02/2024` day-first from month-first.
+    #[serde(default)]
+    pub format: Option<String>,
 }
 
 /// Types a column can be declared as.

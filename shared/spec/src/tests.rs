@@ -332,3 +332,30 @@ fn streaming_pipelines_take_no_schedule() {
     ));
     assert_eq!(e.path, "schedule");
 }
+
+#[test]
+fn time_formats_are_checked_where_declared() {
+    let with_format = |column: &str, format: &str| {
+        BASE.replace(
+            &format!("{{ name: {column}, type:"),
+            &format!("{{ name: {column}, format: \"{format}\", type:"),
+        )
+    };
+    let p = Pipeline::parse(&with_format("day", "%d/%m/%Y")).expect("a date format");
+    let day = &p
+        .silver("orders")
+        .expect("silver.orders")
+        .columns
+        .as_ref()
+        .expect("columns")[2];
+    assert_eq!(day.format.as_deref(), Some("%d/%m/%Y"));
+
+    let e = err(&with_format("id", "%Y"));
+    assert_eq!(e.path, "silver[0].columns[0].format");
+    assert!(e.message.contains("`date` or `timestamp`"), "{e}");
+    let e = err(&with_format("day", "%Y-%Q"));
+    assert_eq!(e.path, "silver[0].columns[2].format");
+    assert!(e.message.contains("%Y-%Q"), "{e}");
+    let e = err(&with_format("day", " "));
+    assert_eq!(e.path, "silver[0].columns[2].format");
+}

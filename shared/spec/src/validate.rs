@@ -15,7 +15,7 @@ use sqlparser::{
     parser::Parser,
 };
 
-use crate::{LINEAGE_COLUMNS, Layer, PipelineSpec, SpecError, TableRef};
+use crate::{ColumnType, LINEAGE_COLUMNS, Layer, PipelineSpec, SpecError, TableRef};
 
 /// One table of the pipeline and the tables it reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -816,6 +816,9 @@ fn silver_columns(checker: &Checker<'_>, i: usize) -> Result<Columns, SpecError>
                         format!("`{}` is not a valid column name", col.name),
                     ));
                 }
+                if let Some(format) = &col.format {
+                    check_time_format(&path, col.data_type, format)?;
+                }
                 match (&col.from, &col.expr) {
                     (Some(_), Some(_)) => {
                         return Err(SpecError::new(path, "give `from` or `expr`, not both"));
@@ -968,6 +971,12 @@ fn apply_changes_columns(
                 "`apply_changes` takes columns from the row images; compute in a further silver table",
             ));
         }
+        if col.format.is_some() {
+            return Err(SpecError::new(
+                format!("{path}.format"),
+                "`apply_changes` reads typed row images; parse text in a further silver table",
+            ));
+        }
         if !out.insert(col.name.clone()) {
             return Err(SpecError::new(
                 format!("{path}.name"),
@@ -1091,4 +1100,29 @@ fn gold_dependencies(
             "a gold table needs `sql` or `from` with `aggregations`",
         )),
     }
+}
+
+/// A column's `format`: only for dates and timestamps, and made of valid strftime items.
+fn check_time_format(
+    path: &str,
+    data_type: Option<ColumnType>,
+    format: &str,
+) -> Result<(), SpecError> {
+    let path = format!("{path}.format");
+    if !matches!(data_type, Some(ColumnType::Date | ColumnType::Timestamp)) {
+        return Err(SpecError::new(
+            path,
+            "`format` applies to columns of type `date` or `timestamp`",
+        ));
+    }
+    if format.trim().is_empty()
+        || chrono::format::StrftimeItems::new(format)
+            .any(|item| matches!(item, chrono::format::Item::Error))
+    {
+        return Err(SpecError::new(
+            path,
+            format!("`{format}` is not a strftime format such as `%Y-%m-%d`"),
+        ));
+    }
+    Ok(())
 }
