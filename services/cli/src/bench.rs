@@ -243,6 +243,8 @@ async fn read_source(pipeline: &Pipeline, name: &str, base: &str) -> anyhow::Res
 async fn in_process_path(
     work: &std::path::Path,
 ) -> anyhow::Result<(BTreeMap<&'static str, f64>, f64, u64)> {
+    // As in the services: polars' warnings are not printed as bare lines.
+    medallion_frames::log_polars_warnings();
     let pipeline = Pipeline::parse(demo::TPCH_SPEC)?;
     let base = work.display().to_string();
     let mut frames: BTreeMap<TableRef, DataFrame> = BTreeMap::new();

@@ -55,9 +55,18 @@ fn column_expr(table: &str, i: usize, col: &ColumnSpec, input: &Schema) -> Resul
         (Some(sql), _) => parse_expr(table, &format!("columns[{i}].expr"), sql)?,
         (None, name) => polars::prelude::col(name.unwrap_or(&col.name)),
     };
-    let from_string = source
-        .and_then(|name| input.get(name).cloned())
-        .is_some_and(|dt| dt == DataType::String);
+    let input_type = source.and_then(|name| input.get(name).cloned());
+    let from_string = input_type.as_ref() == Some(&DataType::String);
+    // A declared format parses text; an input of another type would be cast, not parsed.
+    if let (Some(format), Some(name), Some(dt)) = (&col.format, source, &input_type)
+        && *dt != DataType::String
+    {
+        return Err(TaskError::Invalid(format!(
+            "{table}: columns[{i}].format: `{format}` parses text, but input column {name} is {dt}"
+        )));
+    }
+    // With a format, a computed column is parsed too (its expression must give text).
+    let parse = from_string || col.format.is_some();
     // Strict: a value that does not convert fails the task, naming the column and values.
     // A declared format is parsed by polars' fixed-format parser, several times faster than
     // the per-value parse of an inferred one.
@@ -70,8 +79,8 @@ fn column_expr(table: &str, i: usize, col: &ColumnSpec, input: &Schema) -> Resul
     };
     let typed = match col.data_type {
         // Text dates and times are parsed, not cast (casting strings to dates is deprecated in polars).
-        Some(ColumnType::Date) if from_string => base.str().to_date(options),
-        Some(ColumnType::Timestamp) if from_string => base.str().to_datetime(
+        Some(ColumnType::Date) if parse => base.str().to_date(options),
+        Some(ColumnType::Timestamp) if parse => base.str().to_datetime(
             Some(TimeUnit::Microseconds),
             Some(TimeZone::UTC),
             options,
@@ -546,4 +555,42 @@ fn df_columns(df: &DataFrame) -> Vec<String> {
         .map(|c| c.to_string())
         .filter(|c| !c.starts_with("__expect_"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_format_on_an_input_that_is_not_text_is_refused() {
+        let pipeline = medallion_spec::Pipeline::parse(
+            r#"
+name: p
+sources:
+  - { name: s, format: parquet, path: s.parquet, columns: [id, day] }
+silver:
+  - name: t
+    from: bronze.s
+    columns:
+      - { name: id, type: int64 }
+      - { name: day, type: date, format: "%Y%m%d" }
+"#,
+        )
+        .expect("valid spec");
+        let spec = pipeline.silver("t").expect("silver.t");
+        let typed = Schema::from_iter([
+            Field::new("id".into(), DataType::Int64),
+            Field::new("day".into(), DataType::Int64),
+        ]);
+        let Err(TaskError::Invalid(message)) = RowStage::new(spec, &typed) else {
+            panic!("a format over an integer column must be refused");
+        };
+        assert!(message.contains("columns[1].format"), "{message}");
+        assert!(message.contains("input column day is i64"), "{message}");
+        let text = Schema::from_iter([
+            Field::new("id".into(), DataType::String),
+            Field::new("day".into(), DataType::String),
+        ]);
+        assert!(RowStage::new(spec, &text).is_ok());
+    }
 }

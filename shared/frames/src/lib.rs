@@ -114,9 +114,9 @@ const _: () = {
 };
 
 /// Sends polars' own warnings to the service's log as events of target `polars`, instead of
-/// bare lines on stderr that a structured log pipeline cannot parse. Deprecations are about
-/// polars' internals (its SQL casts `DATE '…'` literals in a way it has deprecated, say), not
-/// about the user's spec, so they are logged at debug; other warnings at warn.
+/// bare lines on stderr that a structured log pipeline cannot parse. Deprecations concern the
+/// polars calls Medallion makes (and polars' SQL, which casts `DATE '…'` literals in a way it
+/// has deprecated), which a spec cannot change, so they are logged at debug; others at warn.
 pub fn log_polars_warnings() {
     polars::error::set_warning_function(|message, kind| match kind {
         polars::error::PolarsWarning::Deprecation => {

@@ -442,7 +442,9 @@ pub struct ColumnSpec {
     /// How a text `date` or `timestamp` column is written, in strftime items (`%d/%m/%Y`).
     /// Without it the format is inferred from the first value, which is slower and cannot
     /// tell `01/02/2024` day-first from month-first.
-    #[serde(default)]
+    // Left out of the serialised spec when absent: the definition fingerprint of a table
+    // is its serialised spec, and tables that do not use it must keep theirs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<String>,
 }
 

@@ -356,6 +356,18 @@ fn time_formats_are_checked_where_declared() {
     let e = err(&with_format("day", "%Y-%Q"));
     assert_eq!(e.path, "silver[0].columns[2].format");
     assert!(e.message.contains("%Y-%Q"), "{e}");
-    let e = err(&with_format("day", " "));
-    assert_eq!(e.path, "silver[0].columns[2].format");
+    for bad in [" ", "%m/%d", "%Y-%m-%d %H", "%Y-%m-%d %H:%M %Z", "%Y %I:%M"] {
+        let e = err(&with_format("day", bad));
+        assert_eq!(e.path, "silver[0].columns[2].format", "{bad}: {e}");
+    }
+    Pipeline::parse(&with_format("day", "%Y-%m-%d %I:%M %p %z")).expect("a timestamp format");
+}
+
+#[test]
+fn columns_without_a_format_serialise_as_before() {
+    // A table's definition fingerprint is its serialised spec: tables without `format`
+    // must not change theirs.
+    let p = Pipeline::parse(BASE).expect("valid spec");
+    let json = serde_json::to_string(p.silver("orders").expect("silver.orders")).expect("json");
+    assert!(!json.contains("format"), "{json}");
 }

@@ -1115,14 +1115,47 @@ fn check_time_format(
             "`format` applies to columns of type `date` or `timestamp`",
         ));
     }
-    if format.trim().is_empty()
-        || chrono::format::StrftimeItems::new(format)
-            .any(|item| matches!(item, chrono::format::Item::Error))
+    use chrono::format::{Fixed, Item, Numeric, StrftimeItems};
+    let items: Vec<Item> = StrftimeItems::new(format).collect();
+    let has = |wanted: &[Numeric]| {
+        items
+            .iter()
+            .any(|i| matches!(i, Item::Numeric(n, _) if wanted.contains(n)))
+    };
+    let invalid = |why: &str| Err(SpecError::new(path.clone(), format!("`{format}`: {why}")));
+    if items.iter().any(|i| matches!(i, Item::Error)) {
+        return invalid("not a strftime format such as `%Y-%m-%d`");
+    }
+    let year = [
+        Numeric::Year,
+        Numeric::YearMod100,
+        Numeric::IsoYear,
+        Numeric::IsoYearMod100,
+        Numeric::Timestamp,
+    ];
+    if !has(&year) {
+        return invalid("a date format needs a year (`%Y` or `%y`)");
+    }
+    if items
+        .iter()
+        .any(|i| matches!(i, Item::Fixed(Fixed::TimezoneName)))
     {
-        return Err(SpecError::new(
-            path,
-            format!("`{format}` is not a strftime format such as `%Y-%m-%d`"),
-        ));
+        return invalid("`%Z` (a zone name) cannot be read; use `%z` (an offset such as +01:00)");
+    }
+    // The parser's rules for times: an hour needs its minutes, seconds their minutes, and a
+    // 12-hour clock its AM/PM.
+    let (hour, minute) = (
+        has(&[Numeric::Hour, Numeric::Hour12]),
+        has(&[Numeric::Minute]),
+    );
+    if (hour && !minute) || (has(&[Numeric::Second]) && !minute) {
+        return invalid("hours and seconds need minutes (`%H:%M`, `%H:%M:%S`)");
+    }
+    let meridiem = items
+        .iter()
+        .any(|i| matches!(i, Item::Fixed(Fixed::UpperAmPm | Fixed::LowerAmPm)));
+    if has(&[Numeric::Hour12]) && !meridiem {
+        return invalid("a 12-hour clock (`%I`) needs `%p`");
     }
     Ok(())
 }
