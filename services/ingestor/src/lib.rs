@@ -4,6 +4,7 @@
 //! data files they became), so the next run ingests only new or changed files; an HTTP API
 //! source's incremental cursor is kept the same way. Serves bronze over Arrow Flight.
 
+mod csv_file;
 pub mod debezium;
 mod env;
 pub mod group;

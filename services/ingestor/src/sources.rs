@@ -10,10 +10,7 @@ use std::{
     time::SystemTime,
 };
 
-use arrow::{
-    datatypes::{DataType, Field, Schema, SchemaRef},
-    record_batch::RecordBatch,
-};
+use arrow::{datatypes::SchemaRef, record_batch::RecordBatch};
 use medallion_objects::{ObjectInfo, ObjectStore};
 use medallion_spec::{SourceFormat, SourceSpec};
 use tokio::sync::mpsc;
@@ -189,7 +186,7 @@ fn send(tx: &Sender, batch: RecordBatch) -> Result<(), String> {
 fn read_file(source: &SourceSpec, path: &Path, tx: &Sender) -> Result<(), String> {
     let file = File::open(path).map_err(|e| e.to_string())?;
     match source.format {
-        SourceFormat::Csv => read_csv(source, file, tx),
+        SourceFormat::Csv => crate::csv_file::read_csv(source, file, &mut |batch| send(tx, batch)),
         SourceFormat::Ndjson => read_ndjson(BufReader::new(file), tx),
         SourceFormat::Json => read_json_array(file, tx),
         SourceFormat::Parquet => read_parquet(file, tx),
@@ -213,120 +210,6 @@ pub fn spawn_ndjson_reader(path: PathBuf, schema: SchemaRef, name: String) -> Re
         }
         Ok(())
     })
-}
-
-fn ascii(c: char, what: &str) -> Result<u8, String> {
-    u8::try_from(c)
-        .ok()
-        .filter(u8::is_ascii)
-        .ok_or_else(|| format!("{what} `{c}` must be one ASCII character"))
-}
-
-fn read_csv(source: &SourceSpec, mut file: File, tx: &Sender) -> Result<(), String> {
-    let o = &source.options;
-    let delimiter = ascii(o.delimiter, "delimiter")?;
-    let quote = ascii(o.quote, "quote")?;
-    check_quotes_terminated(&mut file, quote)?;
-    let mut format = arrow::csv::reader::Format::default()
-        .with_header(o.header)
-        .with_delimiter(delimiter)
-        .with_quote(quote);
-    let sample = if source.infer_types {
-        Some(10_000)
-    } else {
-        Some(1)
-    };
-    let (inferred, _) = format
-        .clone()
-        .infer_schema(&mut file, sample)
-        .map_err(|e| e.to_string())?;
-    file.rewind().map_err(|e| e.to_string())?;
-    let names: Vec<String> = match (&source.columns, o.header) {
-        (Some(cols), false) => {
-            if cols.len() != inferred.fields().len() {
-                return Err(format!(
-                    "line 1: {} fields, but the spec declares {} columns",
-                    inferred.fields().len(),
-                    cols.len()
-                ));
-            }
-            cols.clone()
-        }
-        (Some(cols), true) => {
-            let header: Vec<String> = inferred.fields().iter().map(|f| f.name().clone()).collect();
-            if &header != cols {
-                return Err(format!(
-                    "line 1: header {header:?} differs from the spec's columns {cols:?}"
-                ));
-            }
-            header
-        }
-        (None, _) => inferred.fields().iter().map(|f| f.name().clone()).collect(),
-    };
-    let fields: Vec<Field> = inferred
-        .fields()
-        .iter()
-        .zip(names)
-        .map(|(f, name)| {
-            // As read: strings, like Auto Loader; typed only when inference is asked for.
-            let data_type = if source.infer_types {
-                f.data_type().clone()
-            } else {
-                DataType::Utf8
-            };
-            Field::new(name, data_type, true)
-        })
-        .collect();
-    let schema: SchemaRef = Arc::new(Schema::new(fields));
-    if !o.null_values.is_empty() {
-        let alternatives: Vec<String> = o.null_values.iter().map(|v| regex::escape(v)).collect();
-        let null_regex = regex::Regex::new(&format!("^(?:{})$", alternatives.join("|")))
-            .map_err(|e| e.to_string())?;
-        format = format.with_null_regex(null_regex);
-    }
-    let reader = arrow::csv::ReaderBuilder::new(schema)
-        .with_format(format)
-        .with_batch_size(BATCH_ROWS)
-        .build_buffered(BufReader::with_capacity(1 << 20, file))
-        .map_err(|e| e.to_string())?;
-    for batch in reader {
-        let batch = batch.map_err(|e| e.to_string().replace("Csv error: ", ""))?;
-        send(tx, batch)?;
-    }
-    Ok(())
-}
-
-/// An opening quote never closed swallows the rest of the file into one field; name its line.
-fn check_quotes_terminated(file: &mut File, quote: u8) -> Result<(), String> {
-    let mut reader = BufReader::with_capacity(1 << 20, &mut *file);
-    let (mut in_quotes, mut line, mut opened_at) = (false, 1u64, 0u64);
-    loop {
-        let buf = reader.fill_buf().map_err(|e| e.to_string())?;
-        if buf.is_empty() {
-            break;
-        }
-        for &b in buf {
-            if b == quote {
-                if !in_quotes {
-                    opened_at = line;
-                }
-                in_quotes = !in_quotes;
-            } else if b == b'\n' {
-                line += 1;
-            }
-        }
-        let n = buf.len();
-        reader.consume(n);
-    }
-    drop(reader);
-    file.rewind().map_err(|e| e.to_string())?;
-    if in_quotes {
-        return Err(format!(
-            "line {opened_at}: unterminated quoted field (a {} opened here is never closed)",
-            quote as char
-        ));
-    }
-    Ok(())
 }
 
 fn read_ndjson<R: BufRead + Seek>(mut reader: R, tx: &Sender) -> Result<(), String> {
