@@ -13,6 +13,8 @@ use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter as _, RecordBatchWriter};
 use deltalake::{DeltaTableError, Path};
 use futures::StreamExt as _;
+use parquet::basic::Compression;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use tracing::{Instrument as _, info, warn};
 
 use crate::{Ctx, Error, Lake, Result, TARGET_FILE_SIZE, version_i64};
@@ -109,6 +111,18 @@ impl TableWriter {
         )
         .map_err(ctx.delta("open writer"))?
         .with_target_file_size(TARGET_FILE_SIZE);
+        // Bronze keeps no column statistics: its rows are raw text nobody filters by range,
+        // and computing every string column's min and max costs more than encoding it.
+        let inner = if ctx.layer == crate::Layer::Bronze {
+            inner.with_writer_properties(
+                WriterProperties::builder()
+                    .set_compression(Compression::SNAPPY)
+                    .set_statistics_enabled(EnabledStatistics::None)
+                    .build(),
+            )
+        } else {
+            inner
+        };
         // The writer normalises some types (e.g. ms timestamps to us); commit its schema.
         let schema = inner.arrow_schema();
         Ok(TableWriter {
