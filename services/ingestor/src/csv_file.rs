@@ -365,21 +365,53 @@ fn lines_before(file: &Arc<File>, offset: u64) -> Result<u64, String> {
     }
 }
 
+/// Records that end before byte `offset` of the file, counted as the CSV parser counts them:
+/// a `\n` or `\r` ends a record unless it follows another line end (blank lines are skipped).
+fn records_before(file: &Arc<File>, offset: u64) -> Result<u64, String> {
+    let mut reader = BufReader::with_capacity(
+        1 << 20,
+        RangeReader {
+            file: file.clone(),
+            pos: 0,
+            end: offset,
+        },
+    );
+    let (mut records, mut after_line_end) = (0u64, true);
+    loop {
+        let buf = reader.fill_buf().map_err(|e| e.to_string())?;
+        if buf.is_empty() {
+            return Ok(records);
+        }
+        for &b in buf {
+            let line_end = b == b'\n' || b == b'\r';
+            if line_end && !after_line_end {
+                records += 1;
+            }
+            after_line_end = line_end;
+        }
+        let n = buf.len();
+        reader.consume(n);
+    }
+}
+
 /// `error` from decoding the range starting at byte `start`, its line numbers counted from
-/// the start of the file. The decoder counts records from its range's first line, and in a
-/// range cut from a quote-free file every line end ends a record.
+/// the start of the file. The decoder counts records from its range's first line; only the
+/// numbers in arrow-csv's own phrases are moved, not text quoted from a field.
 fn at_line(file: &Arc<File>, start: u64, error: String) -> String {
     if start == 0 {
         return error;
     }
-    let Ok(before) = lines_before(file, start) else {
+    let Ok(before) = records_before(file, start) else {
         return error;
     };
-    let line_number = regex::Regex::new(r"\bline (\d+)").expect("a valid pattern");
+    let line_number = regex::Regex::new(
+        r"(incorrect number of fields for line |invalid UTF-8 data for line |for column \d+ at line |Error parsing column \d+ at line )(\d+)",
+    )
+    .expect("a valid pattern");
     line_number
         .replace(&error, |c: &regex::Captures<'_>| {
-            let line: u64 = c[1].parse().unwrap_or(0);
-            format!("line {}", line + before)
+            let line: u64 = c[2].parse().unwrap_or(0);
+            format!("{}{}", &c[1], line + before)
         })
         .into_owned()
 }
@@ -507,5 +539,22 @@ mod tests {
         );
         assert_eq!(e, "incorrect number of fields for line 4, expected 2 got 3");
         assert_eq!(at_line(&file, 0, "line 2".into()), "line 2");
+        // Blank lines are not records, as the parser counts them; text from a field is kept.
+        let (_tmp, file) = file_with(b"id,name\r\n\r\n1,a\n\n2,b\n3,c,extra\n");
+        let e = at_line(
+            &file,
+            16,
+            "incorrect number of fields for line 2, expected 2 got 3".into(),
+        );
+        assert_eq!(e, "incorrect number of fields for line 4, expected 2 got 3");
+        let e = at_line(
+            &file,
+            16,
+            "Error while parsing value 'see line 9' as type 'Int64' for column 1 at line 2. Row data: '[3, see line 9]'".into(),
+        );
+        assert_eq!(
+            e,
+            "Error while parsing value 'see line 9' as type 'Int64' for column 1 at line 4. Row data: '[3, see line 9]'"
+        );
     }
 }
