@@ -447,12 +447,17 @@ impl TaskRunner for Ingestor {
                 rows += out.num_rows() as u64;
                 bytes += out.get_array_memory_size() as u64;
                 if writer.is_none() {
-                    writer = Some(
-                        self.lake
-                            .writer(Layer::Bronze, &name, full_schema.clone())
-                            .await
-                            .map_err(TaskError::internal)?,
+                    let mut w = self
+                        .lake
+                        .writer(Layer::Bronze, &name, full_schema.clone())
+                        .await
+                        .map_err(TaskError::internal)?;
+                    // Encoding Parquet costs more than decoding CSV: a large source gets a
+                    // second encoder when the machine has a second core.
+                    w.encode_in_parallel(
+                        std::thread::available_parallelism().map_or(1, |n| n.get().min(2)),
                     );
+                    writer = Some(w);
                 }
                 if let Some(w) = writer.as_mut() {
                     w.write(out).await.map_err(TaskError::internal)?;

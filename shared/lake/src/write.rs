@@ -82,9 +82,77 @@ pub struct TableWriter {
     lake: Lake,
     ctx: Ctx,
     schema: SchemaRef,
-    inner: RecordBatchWriter,
+    /// Data file writers, each encoding on its own task; batches go to one of them at a time.
+    encoders: Vec<Encoder>,
+    /// Most encoders this writer may run (see [`TableWriter::encode_in_parallel`]).
+    max_encoders: usize,
+    /// The encoder taking batches now, and the rows it has taken since it started taking them.
+    current: usize,
+    current_rows: usize,
     adds: Vec<Add>,
     rows: i64,
+}
+
+/// Rows one encoder takes before the next one takes over: whole row groups per data file,
+/// and a table smaller than this stays in one file.
+const ENCODER_RUN_ROWS: usize = 1 << 20;
+
+/// One data file writer driven by its own task, so that several encode at once.
+struct Encoder {
+    jobs: tokio::sync::mpsc::Sender<EncoderJob>,
+    task: tokio::task::JoinHandle<std::result::Result<(), DeltaTableError>>,
+}
+
+enum EncoderJob {
+    Write(RecordBatch),
+    /// Close the open files and reply with their Add actions.
+    Flush(tokio::sync::oneshot::Sender<std::result::Result<Vec<Add>, DeltaTableError>>),
+}
+
+impl Encoder {
+    fn spawn(mut writer: RecordBatchWriter) -> Encoder {
+        // One batch waiting: the producer stays at most a batch ahead of each encoder.
+        let (jobs, mut queue) = tokio::sync::mpsc::channel(1);
+        let task = tokio::spawn(async move {
+            while let Some(job) = queue.recv().await {
+                match job {
+                    EncoderJob::Write(batch) => writer.write(batch).await?,
+                    EncoderJob::Flush(reply) => {
+                        let _ = reply.send(writer.flush().await);
+                    }
+                }
+            }
+            Ok(())
+        });
+        Encoder { jobs, task }
+    }
+
+    /// The error that stopped the encoder's task (its queue is closed).
+    async fn failure(&mut self) -> DeltaTableError {
+        match (&mut self.task).await {
+            Ok(Err(e)) => e,
+            Ok(Ok(())) => DeltaTableError::Generic("the data file writer stopped".into()),
+            Err(e) => DeltaTableError::Generic(format!("the data file writer failed: {e}")),
+        }
+    }
+
+    async fn write(&mut self, batch: RecordBatch) -> std::result::Result<(), DeltaTableError> {
+        if self.jobs.send(EncoderJob::Write(batch)).await.is_err() {
+            return Err(self.failure().await);
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> std::result::Result<Vec<Add>, DeltaTableError> {
+        let (reply, adds) = tokio::sync::oneshot::channel();
+        if self.jobs.send(EncoderJob::Flush(reply)).await.is_err() {
+            return Err(self.failure().await);
+        }
+        match adds.await {
+            Ok(adds) => adds,
+            Err(_) => Err(self.failure().await),
+        }
+    }
 }
 
 impl std::fmt::Debug for TableWriter {
@@ -102,8 +170,25 @@ impl TableWriter {
     pub(crate) fn new(lake: Lake, ctx: Ctx, schema: SchemaRef) -> Result<TableWriter> {
         // Fail early on types Delta cannot store.
         ctx.kernel_schema(&schema)?;
+        let first = Self::open_file_writer(&lake, &ctx, schema)?;
+        // The writer normalises some types (e.g. ms timestamps to us); commit its schema.
+        let schema = first.arrow_schema();
+        Ok(TableWriter {
+            lake,
+            ctx,
+            schema,
+            encoders: vec![Encoder::spawn(first)],
+            max_encoders: 1,
+            current: 0,
+            current_rows: 0,
+            adds: Vec::new(),
+            rows: 0,
+        })
+    }
+
+    fn open_file_writer(lake: &Lake, ctx: &Ctx, schema: SchemaRef) -> Result<RecordBatchWriter> {
         let url = lake.table_url(ctx.layer, &ctx.table);
-        let inner = RecordBatchWriter::try_new(
+        let writer = RecordBatchWriter::try_new(
             url.as_str(),
             schema,
             None,
@@ -113,26 +198,23 @@ impl TableWriter {
         .with_target_file_size(TARGET_FILE_SIZE);
         // Bronze keeps no column statistics: its rows are raw text nobody filters by range,
         // and computing every string column's min and max costs more than encoding it.
-        let inner = if ctx.layer == crate::Layer::Bronze {
-            inner.with_writer_properties(
+        Ok(if ctx.layer == crate::Layer::Bronze {
+            writer.with_writer_properties(
                 WriterProperties::builder()
                     .set_compression(Compression::SNAPPY)
                     .set_statistics_enabled(EnabledStatistics::None)
                     .build(),
             )
         } else {
-            inner
-        };
-        // The writer normalises some types (e.g. ms timestamps to us); commit its schema.
-        let schema = inner.arrow_schema();
-        Ok(TableWriter {
-            lake,
-            ctx,
-            schema,
-            inner,
-            adds: Vec::new(),
-            rows: 0,
+            writer
         })
+    }
+
+    /// Lets up to `encoders` data files be encoded at once, on as many tasks: a table of
+    /// more than a million rows then has every million rows encoded while the next million is
+    /// produced. Data files are then not in the order the rows were written.
+    pub fn encode_in_parallel(&mut self, encoders: usize) {
+        self.max_encoders = encoders.max(1);
     }
 
     /// The schema the data files are written with (the input schema, Delta-normalised).
@@ -140,16 +222,28 @@ impl TableWriter {
         &self.schema
     }
 
-    /// Streams one batch into the current parquet file (rolling at [`TARGET_FILE_SIZE`]).
+    /// Streams one batch into the current parquet file (rolling at [`TARGET_FILE_SIZE`]); it is
+    /// encoded while the caller goes on (a failure is returned by a later call).
     pub async fn write(&mut self, batch: RecordBatch) -> Result<()> {
         let rows = batch.num_rows();
         if rows == 0 {
             return Ok(());
         }
-        self.inner
+        if self.current_rows >= ENCODER_RUN_ROWS && self.max_encoders > 1 {
+            if self.encoders.len() < self.max_encoders {
+                let writer = Self::open_file_writer(&self.lake, &self.ctx, self.schema.clone())?;
+                self.encoders.push(Encoder::spawn(writer));
+                self.current = self.encoders.len() - 1;
+            } else {
+                self.current = (self.current + 1) % self.encoders.len();
+            }
+            self.current_rows = 0;
+        }
+        self.encoders[self.current]
             .write(batch)
             .await
             .map_err(self.ctx.delta("write batch"))?;
+        self.current_rows += rows;
         self.rows += i64::try_from(rows).unwrap_or(i64::MAX);
         Ok(())
     }
@@ -157,11 +251,15 @@ impl TableWriter {
     /// Closes the files written since the last part and tags their Add actions with `tags`
     /// (e.g. which source file they came from).
     pub async fn finish_part(&mut self, tags: BTreeMap<String, String>) -> Result<()> {
-        let mut adds = self
-            .inner
-            .flush()
-            .await
-            .map_err(self.ctx.delta("finish data files"))?;
+        let mut adds = Vec::new();
+        for encoder in &mut self.encoders {
+            adds.extend(
+                encoder
+                    .flush()
+                    .await
+                    .map_err(self.ctx.delta("finish data files"))?,
+            );
+        }
         if !tags.is_empty() {
             let tags: HashMap<String, Option<String>> =
                 tags.into_iter().map(|(k, v)| (k, Some(v))).collect();
