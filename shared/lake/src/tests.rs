@@ -852,3 +852,52 @@ async fn a_commit_continuing_from_a_moved_transaction_is_refused() {
     assert_eq!(snap.total_rows(), Some(3));
     assert_eq!(snap.app_version("kafka:t:0").await.unwrap(), Some(10));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_encoders_share_a_large_write_and_commit_every_row_once() {
+    let (_dir, lake) = lake();
+    let mut w = lake
+        .writer(Layer::Bronze, "big", simple_schema("v"))
+        .await
+        .unwrap();
+    w.encode_in_parallel(2);
+    // 2.5 encoder runs of rows in one part, then a small second part.
+    let total = write::ENCODER_RUN_ROWS as i64 * 5 / 2;
+    let chunk = 64 * 1024;
+    let mut start = 0;
+    while start < total {
+        let end = (start + chunk).min(total);
+        let values: Vec<i64> = (start..end).collect();
+        w.write(simple_batch("v", &values)).await.unwrap();
+        start = end;
+    }
+    let tag = |part: &str| BTreeMap::from([("part".to_string(), part.to_string())]);
+    w.finish_part(tag("one")).await.unwrap();
+    w.write(simple_batch("v", &[total, total + 1]))
+        .await
+        .unwrap();
+    w.finish_part(tag("two")).await.unwrap();
+    let out = w.commit(spec(WriteMode::Append, "load", 1)).await.unwrap();
+    let CommitOutcome::Committed { rows, files, .. } = out else {
+        panic!("not committed: {out:?}");
+    };
+    assert_eq!(rows, total + 2);
+    assert!(files >= 3, "both encoders wrote part one: {files} files");
+
+    let snap = lake
+        .snapshot(Layer::Bronze, "big", None)
+        .await
+        .unwrap()
+        .unwrap();
+    let rows_by_part = |part: &str| -> i64 {
+        snap.files
+            .iter()
+            .filter(|f| f.tags == tag(part))
+            .map(|f| f.rows.unwrap())
+            .sum()
+    };
+    assert_eq!(rows_by_part("one"), total);
+    assert_eq!(rows_by_part("two"), 2);
+    let values = read_i64(&lake, &snap, "v").await;
+    assert_eq!(values, (0..total + 2).collect::<Vec<_>>());
+}

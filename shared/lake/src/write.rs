@@ -95,7 +95,7 @@ pub struct TableWriter {
 
 /// Rows one encoder takes before the next one takes over: whole row groups per data file,
 /// and a table smaller than this stays in one file.
-const ENCODER_RUN_ROWS: usize = 1 << 20;
+pub(crate) const ENCODER_RUN_ROWS: usize = 1 << 20;
 
 /// One data file writer driven by its own task, so that several encode at once.
 struct Encoder {
