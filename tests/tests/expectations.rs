@@ -123,7 +123,15 @@ async fn a_changed_definition_recomputes_and_tables_have_one_owner() {
     std::fs::write(dir.join("items.csv"), ITEMS).expect("fixture");
     let spec = SPEC.replace("  - name: strict_items", "  - name: unused_strict_items");
     cluster.apply(&spec).await.expect("apply");
-    cluster.run("quality", false).await.expect("run 1");
+    let (run, _) = cluster.run("quality", false).await.expect("run 1");
+    // `unused_strict_items` fails the run; `silver.items` must still have committed.
+    let items = medallion_tests::task(&run, "silver.items");
+    assert_eq!(
+        items.state,
+        pb::TaskState::Succeeded as i32,
+        "silver.items did not succeed: {items:?}\nrefiner log:\n{}",
+        cluster.log(medallion_tests::Service::Refiner)
+    );
     let ids = |batches: &[arrow::record_batch::RecordBatch]| {
         let mut ids: Vec<i64> = batches
             .iter()
