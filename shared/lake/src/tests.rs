@@ -901,3 +901,33 @@ async fn parallel_encoders_share_a_large_write_and_commit_every_row_once() {
     let values = read_i64(&lake, &snap, "v").await;
     assert_eq!(values, (0..total + 2).collect::<Vec<_>>());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_smaller_than_an_encoder_run_is_written_by_one_encoder() {
+    let (_dir, lake) = lake();
+    let mut w = lake
+        .writer(Layer::Bronze, "files", simple_schema("v"))
+        .await
+        .unwrap();
+    w.encode_in_parallel(2);
+    let run = write::ENCODER_RUN_ROWS as i64;
+    let tag = |part: &str| BTreeMap::from([("part".to_string(), part.to_string())]);
+    // Part one leaves its encoder just short of a full run; part two must not spill over.
+    for (part, range) in [("one", 0..run - 1000), ("two", run..run + 300_000)] {
+        let values: Vec<i64> = range.collect();
+        for chunk in values.chunks(64 * 1024) {
+            w.write(simple_batch("v", chunk)).await.unwrap();
+        }
+        w.finish_part(tag(part)).await.unwrap();
+    }
+    w.commit(spec(WriteMode::Append, "load", 1)).await.unwrap();
+    let snap = lake
+        .snapshot(Layer::Bronze, "files", None)
+        .await
+        .unwrap()
+        .unwrap();
+    for part in ["one", "two"] {
+        let files = snap.files.iter().filter(|f| f.tags == tag(part)).count();
+        assert_eq!(files, 1, "part {part} is in {files} files");
+    }
+}

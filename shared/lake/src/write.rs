@@ -100,7 +100,9 @@ pub(crate) const ENCODER_RUN_ROWS: usize = 1 << 20;
 /// One data file writer driven by its own task, so that several encode at once.
 struct Encoder {
     jobs: tokio::sync::mpsc::Sender<EncoderJob>,
-    task: tokio::task::JoinHandle<std::result::Result<(), DeltaTableError>>,
+    /// Taken when the task is found stopped; why it stopped is then kept in `stopped`.
+    task: Option<tokio::task::JoinHandle<std::result::Result<(), DeltaTableError>>>,
+    stopped: Option<String>,
 }
 
 enum EncoderJob {
@@ -124,16 +126,30 @@ impl Encoder {
             }
             Ok(())
         });
-        Encoder { jobs, task }
+        Encoder {
+            jobs,
+            task: Some(task),
+            stopped: None,
+        }
     }
 
-    /// The error that stopped the encoder's task (its queue is closed).
+    /// The error that stopped the encoder's task (its queue is closed); the first call
+    /// returns the task's own error, later ones its message.
     async fn failure(&mut self) -> DeltaTableError {
-        match (&mut self.task).await {
-            Ok(Err(e)) => e,
-            Ok(Ok(())) => DeltaTableError::Generic("the data file writer stopped".into()),
-            Err(e) => DeltaTableError::Generic(format!("the data file writer failed: {e}")),
+        if let Some(task) = self.task.take() {
+            let error = match task.await {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => DeltaTableError::Generic("the data file writer stopped".into()),
+                Err(e) => DeltaTableError::Generic(format!("the data file writer failed: {e}")),
+            };
+            self.stopped = Some(error.to_string());
+            return error;
         }
+        DeltaTableError::Generic(
+            self.stopped
+                .clone()
+                .unwrap_or_else(|| "the data file writer stopped".into()),
+        )
     }
 
     async fn write(&mut self, batch: RecordBatch) -> std::result::Result<(), DeltaTableError> {
@@ -251,6 +267,9 @@ impl TableWriter {
     /// Closes the files written since the last part and tags their Add actions with `tags`
     /// (e.g. which source file they came from).
     pub async fn finish_part(&mut self, tags: BTreeMap<String, String>) -> Result<()> {
+        // The next part starts a fresh run, so a source file of fewer rows than a run is
+        // written by one encoder, in order.
+        self.current_rows = 0;
         let mut adds = Vec::new();
         for encoder in &mut self.encoders {
             adds.extend(
