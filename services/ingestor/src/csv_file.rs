@@ -276,20 +276,8 @@ impl Read for RangeReader {
 /// at line ends about every `range_bytes` when the file has no quote at all, else the whole
 /// file.
 fn scan(file: &Arc<File>, quote: u8, range_bytes: u64) -> Result<Vec<(u64, u64)>, String> {
-    let mut reader = BufReader::with_capacity(
-        1 << 20,
-        RangeReader {
-            file: file.clone(),
-            pos: 0,
-            end: u64::MAX,
-        },
-    );
-    let (mut offset, mut quotes, mut in_quotes, mut opened_at) = (0u64, 0u64, false, 0u64);
-    loop {
-        let buf = reader.fill_buf().map_err(|e| e.to_string())?;
-        if buf.is_empty() {
-            break;
-        }
+    let (mut quotes, mut in_quotes, mut opened_at) = (0u64, false, 0u64);
+    let size = for_each_chunk(file, u64::MAX, |offset, buf| {
         for at in memchr::memchr_iter(quote, buf) {
             quotes += 1;
             if !in_quotes {
@@ -297,10 +285,7 @@ fn scan(file: &Arc<File>, quote: u8, range_bytes: u64) -> Result<Vec<(u64, u64)>
             }
             in_quotes = !in_quotes;
         }
-        let n = buf.len();
-        offset += n as u64;
-        reader.consume(n);
-    }
+    })?;
     if in_quotes {
         let line = lines_before(file, opened_at)? + 1;
         return Err(format!(
@@ -308,7 +293,6 @@ fn scan(file: &Arc<File>, quote: u8, range_bytes: u64) -> Result<Vec<(u64, u64)>
             quote as char
         ));
     }
-    let size = offset;
     if quotes > 0 || size <= range_bytes {
         return Ok(vec![(0, size)]);
     }
@@ -343,45 +327,48 @@ fn next_line_start(file: &File, from: u64, size: u64) -> Result<Option<u64>, Str
     Ok(None)
 }
 
-/// Line ends before byte `offset` of the file.
-fn lines_before(file: &Arc<File>, offset: u64) -> Result<u64, String> {
+/// Reads the file from its start up to byte `end` (or its end) in large chunks, handing
+/// each to `visit` with its offset; returns the bytes read.
+fn for_each_chunk(
+    file: &Arc<File>,
+    end: u64,
+    mut visit: impl FnMut(u64, &[u8]),
+) -> Result<u64, String> {
     let mut reader = BufReader::with_capacity(
         1 << 20,
         RangeReader {
             file: file.clone(),
             pos: 0,
-            end: offset,
+            end,
         },
     );
-    let mut lines = 0u64;
+    let mut offset = 0u64;
     loop {
         let buf = reader.fill_buf().map_err(|e| e.to_string())?;
         if buf.is_empty() {
-            return Ok(lines);
+            return Ok(offset);
         }
-        lines += memchr::memchr_iter(b'\n', buf).count() as u64;
+        visit(offset, buf);
         let n = buf.len();
+        offset += n as u64;
         reader.consume(n);
     }
+}
+
+/// Line ends before byte `offset` of the file.
+fn lines_before(file: &Arc<File>, offset: u64) -> Result<u64, String> {
+    let mut lines = 0u64;
+    for_each_chunk(file, offset, |_, buf| {
+        lines += memchr::memchr_iter(b'\n', buf).count() as u64;
+    })?;
+    Ok(lines)
 }
 
 /// Records that end before byte `offset` of the file, counted as the CSV parser counts them:
 /// a `\n` or `\r` ends a record unless it follows another line end (blank lines are skipped).
 fn records_before(file: &Arc<File>, offset: u64) -> Result<u64, String> {
-    let mut reader = BufReader::with_capacity(
-        1 << 20,
-        RangeReader {
-            file: file.clone(),
-            pos: 0,
-            end: offset,
-        },
-    );
     let (mut records, mut after_line_end) = (0u64, true);
-    loop {
-        let buf = reader.fill_buf().map_err(|e| e.to_string())?;
-        if buf.is_empty() {
-            return Ok(records);
-        }
+    for_each_chunk(file, offset, |_, buf| {
         for &b in buf {
             let line_end = b == b'\n' || b == b'\r';
             if line_end && !after_line_end {
@@ -389,9 +376,8 @@ fn records_before(file: &Arc<File>, offset: u64) -> Result<u64, String> {
             }
             after_line_end = line_end;
         }
-        let n = buf.len();
-        reader.consume(n);
-    }
+    })?;
+    Ok(records)
 }
 
 /// `error` from decoding the range starting at byte `start`, its line numbers counted from
