@@ -931,3 +931,55 @@ async fn a_part_smaller_than_an_encoder_run_is_written_by_one_encoder() {
         assert_eq!(files, 1, "part {part} is in {files} files");
     }
 }
+
+/// Every column chunk of every data file of `layer.table`: (has a dictionary page, has statistics).
+fn column_chunks(dir: &std::path::Path, snap: &TableSnapshot) -> Vec<(bool, bool)> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let root = dir.join("lake").join(snap.layer.as_str()).join(&snap.table);
+    let mut chunks = Vec::new();
+    for file in &snap.files {
+        let reader =
+            SerializedFileReader::new(std::fs::File::open(root.join(&file.path)).unwrap()).unwrap();
+        for rg in reader.metadata().row_groups() {
+            for column in rg.columns() {
+                chunks.push((
+                    column.dictionary_page_offset().is_some(),
+                    column.statistics().is_some(),
+                ));
+            }
+        }
+    }
+    chunks
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bronze_files_are_plain_without_statistics_and_silver_files_keep_both() {
+    let (dir, lake) = lake();
+    let ids: Vec<i64> = (0..5_000).map(|i| i % 7).collect();
+    for layer in [Layer::Bronze, Layer::Silver] {
+        let mut w = lake
+            .writer(layer, "rows", all_types_schema())
+            .await
+            .unwrap();
+        w.write(all_types_batch(&ids)).await.unwrap();
+        w.commit(spec(WriteMode::Append, "load", 1)).await.unwrap();
+        let snap = lake.snapshot(layer, "rows", None).await.unwrap().unwrap();
+        let chunks = column_chunks(dir.path(), &snap);
+        assert_eq!(chunks.len(), all_types_schema().fields().len());
+        let silver = layer == Layer::Silver;
+        for (field, (dictionary, statistics)) in all_types_schema().fields().iter().zip(chunks) {
+            let column = field.name();
+            // Parquet has no dictionary encoding for booleans.
+            let dictionary_expected = silver && field.data_type() != &DataType::Boolean;
+            assert_eq!(
+                dictionary, dictionary_expected,
+                "{layer}.rows `{column}`: dictionary page"
+            );
+            assert_eq!(statistics, silver, "{layer}.rows `{column}`: statistics");
+        }
+        // The values read back are the same either way.
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(read_i64(&lake, &snap, "id").await, sorted, "{layer}.rows");
+    }
+}

@@ -212,13 +212,16 @@ impl TableWriter {
         )
         .map_err(ctx.delta("open writer"))?
         .with_target_file_size(TARGET_FILE_SIZE);
-        // Bronze keeps no column statistics: its rows are raw text nobody filters by range,
-        // and computing every string column's min and max costs more than encoding it.
+        // Bronze is raw text that nobody filters by range and that is read once per refine, so
+        // its files carry no column statistics (every string's min and max) and no dictionaries
+        // (a hash lookup per value): both cost the ingestor more than the rest of the encoding,
+        // and Snappy still compresses the repeated values of plain pages.
         Ok(if ctx.layer == crate::Layer::Bronze {
             writer.with_writer_properties(
                 WriterProperties::builder()
                     .set_compression(Compression::SNAPPY)
                     .set_statistics_enabled(EnabledStatistics::None)
+                    .set_dictionary_enabled(false)
                     .build(),
             )
         } else {
