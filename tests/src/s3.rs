@@ -1,6 +1,7 @@
 //! Real servers for the cloud tests, on loopback: an S3-compatible server (moto's standalone
-//! server, from the Python environment tests/run.sh installs) and the local Redshift Data API
-//! endpoint (the `redshift-data-local` binary of this crate, backed by the test PostgreSQL).
+//! server, from the Python environment tests/run.sh installs, started through
+//! tests/python/s3_server.py) and the local Redshift Data API endpoint (the
+//! `redshift-data-local` binary of this crate, backed by the test PostgreSQL).
 
 use std::path::Path;
 use std::process::Stdio;
@@ -45,15 +46,10 @@ impl S3Server {
         if let Some(n) = free_requests {
             command.env("INITIAL_NO_AUTH_ACTION_COUNT", n.to_string());
         }
+        // moto's server behind a launcher that makes conditional writes atomic, as on S3.
+        let launcher = concat!(env!("CARGO_MANIFEST_DIR"), "/python/s3_server.py");
         let child = command
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
+            .args([launcher, "-H", "127.0.0.1", "-p", &port.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
