@@ -983,3 +983,69 @@ async fn bronze_files_are_plain_without_statistics_and_silver_files_keep_both() 
         assert_eq!(read_i64(&lake, &snap, "id").await, sorted, "{layer}.rows");
     }
 }
+
+/// Per column (over the row groups of every data file): whether some data page is written
+/// plain, and whether some is written as dictionary indices.
+fn data_page_encodings(dir: &std::path::Path, snap: &TableSnapshot) -> Vec<(bool, bool)> {
+    use parquet::basic::Encoding;
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let root = dir.join("lake").join(snap.layer.as_str()).join(&snap.table);
+    let mut columns = vec![(false, false); snap.schema.fields().len()];
+    for file in &snap.files {
+        let reader =
+            SerializedFileReader::new(std::fs::File::open(root.join(&file.path)).unwrap()).unwrap();
+        for rg in reader.metadata().row_groups() {
+            for (i, column) in rg.columns().iter().enumerate() {
+                // The reader keeps the data pages' encodings as a set (dictionary pages apart).
+                let data_pages = column
+                    .page_encoding_stats_mask()
+                    .expect("the writer records the data pages' encodings");
+                columns[i].0 |= data_pages.is_set(Encoding::PLAIN);
+                columns[i].1 |= data_pages.is_set(Encoding::RLE_DICTIONARY);
+            }
+        }
+    }
+    columns
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_near_unique_silver_column_gives_up_its_dictionary_and_a_repetitive_one_keeps_it() {
+    let (dir, lake) = lake();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("key", DataType::Int64, false),
+        Field::new("flag", DataType::Int64, false),
+    ]));
+    // 40,000 distinct keys make a 312 KiB dictionary: past the limit, under Parquet's 1 MiB.
+    let rows = 40_000i64;
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(Int64Array::from_iter_values(0..rows)),
+            Arc::new(Int64Array::from_iter_values((0..rows).map(|i| i % 3))),
+        ],
+    )
+    .unwrap();
+    let mut w = lake.writer(Layer::Silver, "keys", schema).await.unwrap();
+    w.write(batch).await.unwrap();
+    w.commit(spec(WriteMode::Append, "load", 1)).await.unwrap();
+    let snap = lake
+        .snapshot(Layer::Silver, "keys", None)
+        .await
+        .unwrap()
+        .unwrap();
+    let pages = data_page_encodings(dir.path(), &snap);
+    assert_eq!(
+        pages[0],
+        (true, true),
+        "`key` starts with a dictionary and falls back to plain pages"
+    );
+    assert_eq!(
+        pages[1],
+        (false, true),
+        "`flag` keeps its dictionary in every data page"
+    );
+    assert_eq!(
+        read_i64(&lake, &snap, "key").await,
+        (0..rows).collect::<Vec<_>>()
+    );
+}

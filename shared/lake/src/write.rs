@@ -97,6 +97,15 @@ pub struct TableWriter {
 /// and a table smaller than this stays in one file.
 pub(crate) const ENCODER_RUN_ROWS: usize = 1 << 20;
 
+/// Largest dictionary of a column chunk in silver, gold and quarantine files; past it the
+/// column's remaining values in the row group are written plain. Low-cardinality columns
+/// (flags, modes, dates, small amounts) stay well under it; a near-unique column (keys, prices,
+/// comments) gives up after a few thousand values, not after the 1 MiB of Parquet's default,
+/// which both interned each of those values and wrote a dictionary page that few rows used.
+/// Measured on TPC-H SF1's `silver.lineitem`: 133 MB instead of 138, written about 0.45 s
+/// faster.
+pub(crate) const DICTIONARY_PAGE_LIMIT: usize = 128 * 1024;
+
 /// One data file writer driven by its own task, so that several encode at once.
 struct Encoder {
     jobs: tokio::sync::mpsc::Sender<EncoderJob>,
@@ -212,21 +221,19 @@ impl TableWriter {
         )
         .map_err(ctx.delta("open writer"))?
         .with_target_file_size(TARGET_FILE_SIZE);
-        // Bronze is raw text that nobody filters by range and that is read once per refine, so
+        let properties = WriterProperties::builder().set_compression(Compression::SNAPPY);
+        // Bronze is raw text that nobody filters by range and that the refiner reads whole, so
         // its files carry no column statistics (every string's min and max) and no dictionaries
         // (a hash lookup per value): both cost the ingestor more than the rest of the encoding,
         // and Snappy still compresses the repeated values of plain pages.
-        Ok(if ctx.layer == crate::Layer::Bronze {
-            writer.with_writer_properties(
-                WriterProperties::builder()
-                    .set_compression(Compression::SNAPPY)
-                    .set_statistics_enabled(EnabledStatistics::None)
-                    .set_dictionary_enabled(false)
-                    .build(),
-            )
+        let properties = if ctx.layer == crate::Layer::Bronze {
+            properties
+                .set_statistics_enabled(EnabledStatistics::None)
+                .set_dictionary_enabled(false)
         } else {
-            writer
-        })
+            properties.set_dictionary_page_size_limit(DICTIONARY_PAGE_LIMIT)
+        };
+        Ok(writer.with_writer_properties(properties.build()))
     }
 
     /// Lets up to `encoders` data files be encoded at once, on as many tasks: a table of
