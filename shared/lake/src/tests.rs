@@ -932,24 +932,34 @@ async fn a_part_smaller_than_an_encoder_run_is_written_by_one_encoder() {
     }
 }
 
-/// Every column chunk of every data file of `layer.table`: (has a dictionary page, has statistics).
-fn column_chunks(dir: &std::path::Path, snap: &TableSnapshot) -> Vec<(bool, bool)> {
+/// The metadata of every row group of a snapshot's data files, file by file.
+fn row_groups(
+    dir: &std::path::Path,
+    snap: &TableSnapshot,
+) -> Vec<parquet::file::metadata::RowGroupMetaData> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let root = dir.join("lake").join(snap.layer.as_str()).join(&snap.table);
-    let mut chunks = Vec::new();
+    let mut groups = Vec::new();
     for file in &snap.files {
         let reader =
             SerializedFileReader::new(std::fs::File::open(root.join(&file.path)).unwrap()).unwrap();
-        for rg in reader.metadata().row_groups() {
-            for column in rg.columns() {
-                chunks.push((
-                    column.dictionary_page_offset().is_some(),
-                    column.statistics().is_some(),
-                ));
-            }
-        }
+        groups.extend(reader.metadata().row_groups().iter().cloned());
     }
-    chunks
+    groups
+}
+
+/// Every column chunk of every data file: (has a dictionary page, has statistics).
+fn column_chunks(dir: &std::path::Path, snap: &TableSnapshot) -> Vec<(bool, bool)> {
+    row_groups(dir, snap)
+        .iter()
+        .flat_map(|rg| rg.columns())
+        .map(|c| {
+            (
+                c.dictionary_page_offset().is_some(),
+                c.statistics().is_some(),
+            )
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -988,21 +998,15 @@ async fn bronze_files_are_plain_without_statistics_and_silver_files_keep_both() 
 /// plain, and whether some is written as dictionary indices.
 fn data_page_encodings(dir: &std::path::Path, snap: &TableSnapshot) -> Vec<(bool, bool)> {
     use parquet::basic::Encoding;
-    use parquet::file::reader::{FileReader, SerializedFileReader};
-    let root = dir.join("lake").join(snap.layer.as_str()).join(&snap.table);
     let mut columns = vec![(false, false); snap.schema.fields().len()];
-    for file in &snap.files {
-        let reader =
-            SerializedFileReader::new(std::fs::File::open(root.join(&file.path)).unwrap()).unwrap();
-        for rg in reader.metadata().row_groups() {
-            for (i, column) in rg.columns().iter().enumerate() {
-                // The reader keeps the data pages' encodings as a set (dictionary pages apart).
-                let data_pages = column
-                    .page_encoding_stats_mask()
-                    .expect("the writer records the data pages' encodings");
-                columns[i].0 |= data_pages.is_set(Encoding::PLAIN);
-                columns[i].1 |= data_pages.is_set(Encoding::RLE_DICTIONARY);
-            }
+    for rg in row_groups(dir, snap) {
+        for (i, column) in rg.columns().iter().enumerate() {
+            // The reader keeps the data pages' encodings as a set (dictionary pages apart).
+            let data_pages = column
+                .page_encoding_stats_mask()
+                .expect("the writer records the data pages' encodings");
+            columns[i].0 |= data_pages.is_set(Encoding::PLAIN);
+            columns[i].1 |= data_pages.is_set(Encoding::RLE_DICTIONARY);
         }
     }
     columns
