@@ -13,6 +13,7 @@ use medallion_server::CancellationToken;
 use medallion_spec::{Layer, SilverSpec, TableRef};
 use medallion_stage::{Manifest, Progress, TaskError, TaskRequest, TaskRunner};
 use polars::prelude::DataFrame;
+use tokio::task::JoinHandle;
 
 use crate::buckets::{BucketPlan, Spill, SpilledBuckets};
 use crate::transform::{self, Kept, RowOutput, RowStage, Staged};
@@ -189,8 +190,8 @@ impl Refiner {
     }
 
     /// Runs the row stage of `spec` on its `from` input chunk by chunk as the input streams
-    /// in, so the raw rows are never all in memory at once. The next chunk is read while the
-    /// row stage works on the current one.
+    /// in, so the raw rows are never all in memory at once (a few chunks are: see
+    /// [`ChunkRunner`]).
     async fn stage_input(
         &self,
         task: &TaskRequest,
@@ -219,25 +220,29 @@ impl Refiner {
             }
         }
         // The rest, or an empty frame so the output has its columns even without rows.
-        if !pending.is_empty() || stage.is_none() {
+        if !pending.is_empty() || !chunks.has_chunks() {
             let schema = match pending.first() {
                 Some(batch) => batch.schema(),
                 None => input.schema()?,
             };
             chunks.start(spec, &mut stage, schema, pending).await?;
         }
-        let out = chunks.finish().await?;
+        let out = chunks.finish(spec, &mut stage).await?;
         progress.report(&phase, rows_read, bytes_read, true);
         Ok(out)
     }
 }
 
-/// The row stage over a stream of chunks, one chunk at a time, off the async threads: a chunk
-/// runs while the caller reads the next.
+/// The row stage over a stream of chunks, off the async threads, as a pipeline: while the
+/// caller reads chunk n+2, chunk n+1 is converted into a polars frame (building string views
+/// is CPU work) and the row stage runs on chunk n. Chunks reach the row stage in input order.
 struct ChunkRunner {
     /// The output, while no chunk runs.
     idle: Option<RowOutput>,
-    running: Option<tokio::task::JoinHandle<Result<RowOutput, TaskError>>>,
+    running: Option<JoinHandle<Result<RowOutput, TaskError>>>,
+    /// The next chunk for the row stage, being converted.
+    converting: Option<JoinHandle<Result<DataFrame, TaskError>>>,
+    started: bool,
 }
 
 impl ChunkRunner {
@@ -245,11 +250,30 @@ impl ChunkRunner {
         ChunkRunner {
             idle: Some(out),
             running: None,
+            converting: None,
+            started: false,
         }
     }
 
+    /// Whether any chunk was started.
+    fn has_chunks(&self) -> bool {
+        self.started
+    }
+
+    /// The output once every started chunk has been through the row stage.
+    async fn finish(
+        &mut self,
+        spec: &SilverSpec,
+        stage: &mut Option<Arc<RowStage>>,
+    ) -> Result<RowOutput, TaskError> {
+        if let Some(chunk) = self.converting.take() {
+            self.run_stage(spec, stage, chunk).await?;
+        }
+        self.output().await
+    }
+
     /// The output once the running chunk (if any) is done.
-    async fn finish(&mut self) -> Result<RowOutput, TaskError> {
+    async fn output(&mut self) -> Result<RowOutput, TaskError> {
         match self.running.take() {
             Some(chunk) => chunk.await.map_err(TaskError::internal)?,
             None => self
@@ -259,7 +283,7 @@ impl ChunkRunner {
         }
     }
 
-    /// Waits for the running chunk, then starts the row stage (made on first use) on `batches`.
+    /// Starts converting `batches`, then hands the chunk converted before it to the row stage.
     async fn start(
         &mut self,
         spec: &SilverSpec,
@@ -267,16 +291,34 @@ impl ChunkRunner {
         schema: SchemaRef,
         batches: Vec<RecordBatch>,
     ) -> Result<(), TaskError> {
-        let chunk = medallion_frames::frame_from_batches(&schema, &batches)
-            .map_err(|e| TaskError::internal(format!("silver.{}: input: {e}", spec.name)))?;
-        drop(batches);
+        self.started = true;
+        let name = spec.name.clone();
+        let converting = tokio::task::spawn_blocking(move || {
+            medallion_frames::frame_from_batches(&schema, &batches)
+                .map_err(|e| TaskError::internal(format!("silver.{name}: input: {e}")))
+        });
+        match self.converting.replace(converting) {
+            Some(previous) => self.run_stage(spec, stage, previous).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for `chunk` to be converted and the running chunk to be done, then starts the row
+    /// stage (made on first use) on it.
+    async fn run_stage(
+        &mut self,
+        spec: &SilverSpec,
+        stage: &mut Option<Arc<RowStage>>,
+        chunk: JoinHandle<Result<DataFrame, TaskError>>,
+    ) -> Result<(), TaskError> {
+        let chunk = chunk.await.map_err(TaskError::internal)??;
         let stage = match stage {
             Some(s) => s.clone(),
             None => stage
                 .insert(Arc::new(RowStage::new(spec, &chunk.schema())?))
                 .clone(),
         };
-        let mut out = self.finish().await?;
+        let mut out = self.output().await?;
         self.running = Some(tokio::task::spawn_blocking(move || {
             stage.apply(chunk, &mut out).map(|()| out)
         }));
