@@ -948,8 +948,11 @@ fn row_groups(
     groups
 }
 
-/// Every column chunk of every data file: (has a dictionary page, has statistics).
-fn column_chunks(dir: &std::path::Path, snap: &TableSnapshot) -> Vec<(bool, bool)> {
+/// Every column chunk of every data file: (has a dictionary page, has statistics, codec).
+fn column_chunks(
+    dir: &std::path::Path,
+    snap: &TableSnapshot,
+) -> Vec<(bool, bool, parquet::basic::Compression)> {
     row_groups(dir, snap)
         .iter()
         .flat_map(|rg| rg.columns())
@@ -957,13 +960,14 @@ fn column_chunks(dir: &std::path::Path, snap: &TableSnapshot) -> Vec<(bool, bool
             (
                 c.dictionary_page_offset().is_some(),
                 c.statistics().is_some(),
+                c.compression(),
             )
         })
         .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bronze_files_are_plain_without_statistics_and_silver_files_keep_both() {
+async fn bronze_files_are_plain_lz4_without_statistics_and_silver_files_keep_both_under_snappy() {
     let (dir, lake) = lake();
     let ids: Vec<i64> = (0..5_000).map(|i| i % 7).collect();
     for layer in [Layer::Bronze, Layer::Silver] {
@@ -977,7 +981,14 @@ async fn bronze_files_are_plain_without_statistics_and_silver_files_keep_both() 
         let chunks = column_chunks(dir.path(), &snap);
         assert_eq!(chunks.len(), all_types_schema().fields().len());
         let silver = layer == Layer::Silver;
-        for (field, (dictionary, statistics)) in all_types_schema().fields().iter().zip(chunks) {
+        let codec = if silver {
+            parquet::basic::Compression::SNAPPY
+        } else {
+            parquet::basic::Compression::LZ4_RAW
+        };
+        for (field, (dictionary, statistics, compression)) in
+            all_types_schema().fields().iter().zip(chunks)
+        {
             let column = field.name();
             // Parquet has no dictionary encoding for booleans.
             let dictionary_expected = silver && field.data_type() != &DataType::Boolean;
@@ -986,6 +997,7 @@ async fn bronze_files_are_plain_without_statistics_and_silver_files_keep_both() 
                 "{layer}.rows `{column}`: dictionary page"
             );
             assert_eq!(statistics, silver, "{layer}.rows `{column}`: statistics");
+            assert_eq!(compression, codec, "{layer}.rows `{column}`: compression");
         }
         // The values read back are the same either way.
         let mut sorted = ids.clone();
