@@ -101,7 +101,7 @@ impl Aggregator {
             return Ok(manifest);
         }
         let reader = &self.silver_flight;
-        let mut inputs = BTreeMap::new();
+        let mut read = Vec::new();
         for dep in task.dependencies() {
             let tickets = task.input_tickets(&dep)?;
             progress.report(&format!("reading {dep}"), 0, 0, true);
@@ -109,16 +109,24 @@ impl Aggregator {
                 r = reader.read_all(&tickets) => r.map_err(TaskError::internal)?,
                 _ = cancel.cancelled() => return Err(TaskError::Cancelled),
             };
-            let df = medallion_frames::frame_from_batches(&schema, &batches)
-                .map_err(TaskError::internal)?;
-            inputs.insert(dep, df);
+            read.push((dep, schema, batches));
         }
         progress.report("aggregating", 0, 0, true);
         let gold_spec = spec.clone();
         let started = std::time::Instant::now();
-        let gold = tokio::task::spawn_blocking(move || compute(&gold_spec, &inputs))
-            .await
-            .map_err(TaskError::internal)??;
+        // Building polars frames (string views) is CPU work: off the async workers, which
+        // also serve gold over Flight.
+        let gold = tokio::task::spawn_blocking(move || {
+            let mut inputs = BTreeMap::new();
+            for (dep, schema, batches) in read {
+                let df = medallion_frames::frame_from_batches(&schema, &batches)
+                    .map_err(|e| TaskError::internal(format!("{dep}: {e}")))?;
+                inputs.insert(dep, df);
+            }
+            compute(&gold_spec, &inputs)
+        })
+        .await
+        .map_err(TaskError::internal)??;
         tracing::info!(table = %task.table, rows = gold.height(), secs = started.elapsed().as_secs_f64(), "computed");
         progress.report("writing", gold.height() as u64, 0, true);
         let commit = task.commit_spec(&task.table, WriteMode::Overwrite);

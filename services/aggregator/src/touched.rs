@@ -156,13 +156,15 @@ impl Aggregator {
             };
             let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
             tracing::info!(table = %task.table, touched = keys.num_rows(), silver_rows = rows, "recomputing touched groups");
-            let df = medallion_frames::frame_from_batches(&silver_schema, &batches)
-                .map_err(TaskError::internal)?;
-            let inputs = BTreeMap::from([(plan.from.clone(), df)]);
-            let gold_spec = spec.clone();
-            let gold = tokio::task::spawn_blocking(move || compute(&gold_spec, &inputs))
-                .await
-                .map_err(TaskError::internal)??;
+            let (from, gold_spec) = (plan.from.clone(), spec.clone());
+            // Off the async workers, as in a whole-table recompute.
+            let gold = tokio::task::spawn_blocking(move || {
+                let df = medallion_frames::frame_from_batches(&silver_schema, &batches)
+                    .map_err(TaskError::internal)?;
+                compute(&gold_spec, &BTreeMap::from([(from, df)]))
+            })
+            .await
+            .map_err(TaskError::internal)??;
             medallion_frames::lake_batches(&gold).map_err(TaskError::internal)?
         };
 
