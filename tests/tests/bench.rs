@@ -1,5 +1,5 @@
 //! `medallion bench tpch` at a small scale: both paths run for every run, each run's figures,
-//! the per-layer summary and every process's peak memory are printed. The figures themselves
+//! the per-layer summary and every process's peak memory and CPU seconds are printed. The figures themselves
 //! are not judged here (timed numbers belong to the benchmark, not to a test).
 
 use std::net::TcpListener;
@@ -34,6 +34,13 @@ fn number_after(text: &str, label: &str) -> f64 {
     rest[..end]
         .parse()
         .unwrap_or_else(|_| panic!("no number after {label:?} in {text:?}"))
+}
+
+/// The line of `text` that starts (after indentation) with `label`.
+fn row_of<'a>(text: &'a str, label: &str) -> &'a str {
+    text.lines()
+        .find(|l| l.trim_start().starts_with(label))
+        .unwrap_or_else(|| panic!("no {label:?} row in:\n{text}"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -91,6 +98,9 @@ async fn bench_tpch_runs_both_paths_and_prints_their_figures() {
             assert!(figures.iter().all(|f| *f > 0.0), "{row}");
         }
     }
+    let (memory, cpu) = summary
+        .split_once("CPU seconds")
+        .unwrap_or_else(|| panic!("no CPU seconds in:\n{summary}"));
     for process in [
         "medallion-ingestor",
         "medallion-refiner",
@@ -98,10 +108,20 @@ async fn bench_tpch_runs_both_paths_and_prints_their_figures() {
         "services total",
         "one process",
     ] {
-        let row = summary
-            .lines()
-            .find(|l| l.trim_start().starts_with(process))
-            .unwrap_or_else(|| panic!("no peak memory of {process} in:\n{summary}"));
-        assert!(number_after(row, process) >= 0.01, "{row}");
+        let line = row_of(memory, process);
+        assert!(number_after(line, process) >= 0.01, "{line}");
+        // Every process parsed CSV, refined or aggregated: it used CPU time.
+        let line = row_of(cpu, process);
+        assert!(number_after(line, process) > 0.0, "{line}");
+    }
+    // The totals also give the cores each path kept busy on average.
+    for total in ["services total", "one process"] {
+        let line = row_of(cpu, total);
+        let figures: Vec<f64> = line
+            .split_whitespace()
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        assert_eq!(figures.len(), 2, "{line}");
+        assert!(figures[1] > 0.0, "{line}");
     }
 }

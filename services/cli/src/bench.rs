@@ -115,6 +115,20 @@ pub(crate) fn peak_rss(pid: &str) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// What one process of a path used over a run.
+struct ProcessFigures {
+    name: String,
+    peak_rss: u64,
+    cpu_secs: f64,
+}
+
+/// What one run of a path measured: seconds per layer, total seconds, and its processes.
+struct RunFigures {
+    layers: BTreeMap<&'static str, f64>,
+    total: f64,
+    processes: Vec<ProcessFigures>,
+}
+
 fn gib(bytes: u64) -> String {
     format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
@@ -138,10 +152,7 @@ fn layer_seconds(run: &pb::Run) -> BTreeMap<&'static str, f64> {
         .collect()
 }
 
-async fn services_path(
-    args: &BenchArgs,
-    work: &std::path::Path,
-) -> anyhow::Result<(BTreeMap<&'static str, f64>, f64, Vec<(String, u64)>)> {
+async fn services_path(args: &BenchArgs, work: &std::path::Path) -> anyhow::Result<RunFigures> {
     let local_lake = work.join("lake");
     let state = work.join("state");
     for dir in [&local_lake, &state] {
@@ -177,28 +188,37 @@ async fn services_path(
         let started = Instant::now();
         let run = run_to_end(&mut client, "tpch").await?;
         let total = started.elapsed().as_secs_f64();
-        let rss = stack
+        let processes = stack
             .pids()
             .into_iter()
-            .map(|(name, pid)| (name, peak_rss(&pid.to_string())))
+            .map(|(name, pid)| ProcessFigures {
+                name,
+                peak_rss: peak_rss(&pid.to_string()),
+                cpu_secs: cpu_secs(&pid.to_string()),
+            })
             .collect();
-        anyhow::Ok((layer_seconds(&run), total, rss))
+        anyhow::Ok(RunFigures {
+            layers: layer_seconds(&run),
+            total,
+            processes,
+        })
     }
     .await;
     stack.stop().await;
     result
 }
 
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
 /// The median of each layer's seconds and of the totals over several runs.
 fn medians(runs: &[(BTreeMap<&'static str, f64>, f64)]) -> (BTreeMap<&'static str, f64>, f64) {
-    fn median(mut values: Vec<f64>) -> f64 {
-        values.sort_by(f64::total_cmp);
-        match values.len() {
-            0 => 0.0,
-            n if n % 2 == 1 => values[n / 2],
-            n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-        }
-    }
     let layers = ["bronze", "silver", "gold"]
         .into_iter()
         .map(|layer| {
@@ -240,9 +260,7 @@ async fn read_source(pipeline: &Pipeline, name: &str, base: &str) -> anyhow::Res
     Ok(medallion_frames::frame_from_batches(&schema, &batches)?)
 }
 
-async fn in_process_path(
-    work: &std::path::Path,
-) -> anyhow::Result<(BTreeMap<&'static str, f64>, f64, u64)> {
+async fn in_process_path(work: &std::path::Path) -> anyhow::Result<RunFigures> {
     // As in the services: polars' warnings are not printed as bare lines.
     medallion_frames::log_polars_warnings();
     let pipeline = Pipeline::parse(demo::TPCH_SPEC)?;
@@ -281,17 +299,23 @@ async fn in_process_path(
         }
         seconds.insert(layer.as_str(), started.elapsed().as_secs_f64());
     }
-    Ok((seconds, total.elapsed().as_secs_f64(), peak_rss("self")))
+    Ok(RunFigures {
+        layers: seconds,
+        total: total.elapsed().as_secs_f64(),
+        processes: vec![ProcessFigures {
+            name: "one process".into(),
+            peak_rss: peak_rss("self"),
+            cpu_secs: cpu_secs("self"),
+        }],
+    })
 }
 
 /// Marks the line a `--one-process-only` child prints its figures on.
 const ONE_PROCESS_FIGURES: &str = "one-process figures:";
 
 /// Runs the one-process path in a child process (a fresh heap, like the services get) and
-/// reads back its per-layer seconds, total seconds and peak memory.
-async fn in_fresh_process(
-    work: &std::path::Path,
-) -> anyhow::Result<(BTreeMap<&'static str, f64>, f64, u64)> {
+/// reads back its per-layer seconds, total seconds, peak memory and CPU seconds.
+async fn in_fresh_process(work: &std::path::Path) -> anyhow::Result<RunFigures> {
     let exe = std::env::current_exe().context("cannot locate the medallion executable")?;
     let output = tokio::process::Command::new(&exe)
         .args(["bench", "tpch", "--one-process-only", "--work"])
@@ -339,7 +363,15 @@ async fn in_fresh_process(
         ("silver", get("silver")?),
         ("gold", get("gold")?),
     ]);
-    Ok((layers, get("total")?, get("peak_rss")? as u64))
+    Ok(RunFigures {
+        layers,
+        total: get("total")?,
+        processes: vec![ProcessFigures {
+            name: "one process".into(),
+            peak_rss: get("peak_rss")? as u64,
+            cpu_secs: get("cpu_secs")?,
+        }],
+    })
 }
 
 pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -353,11 +385,20 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         return crate::bench_cdc::bench(&args, &work).await;
     }
     if args.one_process_only {
-        let (layers, total, peak) = in_process_path(&work).await?;
-        let seconds: Vec<String> = layers.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let figures = in_process_path(&work).await?;
+        let seconds: Vec<String> = figures
+            .layers
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let (peak, cpu) = figures
+            .processes
+            .first()
+            .map_or((0, 0.0), |p| (p.peak_rss, p.cpu_secs));
         println!(
-            "{ONE_PROCESS_FIGURES} {} total={total} peak_rss={peak}",
-            seconds.join(" ")
+            "{ONE_PROCESS_FIGURES} {} total={} peak_rss={peak} cpu_secs={cpu}",
+            seconds.join(" "),
+            figures.total
         );
         return Ok(());
     }
@@ -383,8 +424,9 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
 
     let mut svc_runs = Vec::new();
     let mut inp_runs = Vec::new();
-    let mut rss: Vec<(String, u64)> = Vec::new();
-    let mut inp_rss = 0;
+    // Every process of both paths, in the order first seen: peak memory, CPU seconds per run.
+    let mut processes: Vec<(String, u64, Vec<f64>)> = Vec::new();
+    let mut services_cpu = Vec::new();
     for run in 1..=args.runs {
         let of = if args.runs > 1 {
             format!(" (run {run} of {})", args.runs)
@@ -392,16 +434,21 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             String::new()
         };
         println!("\n== through the services{of} ==");
-        let (layers, total, peaks) = services_path(&args, &work).await?;
-        for (name, bytes) in peaks {
-            match rss.iter_mut().find(|(n, _)| *n == name) {
-                Some((_, peak)) => *peak = (*peak).max(bytes),
-                None => rss.push((name, bytes)),
+        let services = services_path(&args, &work).await?;
+        println!("\n== one process, polars alone{of} ==");
+        let one_process = in_fresh_process(&work).await?;
+        services_cpu.push(services.processes.iter().map(|p| p.cpu_secs).sum::<f64>());
+        for p in services.processes.iter().chain(&one_process.processes) {
+            match processes.iter_mut().find(|(n, ..)| *n == p.name) {
+                Some((_, peak, cpu)) => {
+                    *peak = (*peak).max(p.peak_rss);
+                    cpu.push(p.cpu_secs);
+                }
+                None => processes.push((p.name.clone(), p.peak_rss, vec![p.cpu_secs])),
             }
         }
-        println!("\n== one process, polars alone{of} ==");
-        let (in_layers, in_total, in_peak) = in_fresh_process(&work).await?;
-        inp_rss = inp_rss.max(in_peak);
+        let (layers, total) = (services.layers, services.total);
+        let (in_layers, in_total) = (one_process.layers, one_process.total);
         if args.runs > 1 {
             let spans = |l: &BTreeMap<&'static str, f64>| {
                 ["bronze", "silver", "gold"]
@@ -454,13 +501,33 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         display::thousands((rows as f64 / svc_total) as u64),
         display::thousands((rows as f64 / inp_total) as u64)
     );
+    let (one_process, services): (Vec<_>, Vec<_>) = processes
+        .iter()
+        .partition(|(name, ..)| name == "one process");
     println!("\npeak RSS");
-    let mut sum = 0;
-    for (name, bytes) in &rss {
-        sum += bytes;
+    for (name, bytes, _) in &services {
         println!("  {name:<24} {}", gib(*bytes));
     }
-    println!("  {:<24} {}", "services total", gib(sum));
-    println!("  {:<24} {}", "one process", gib(inp_rss));
+    let services_peak = services.iter().map(|(_, bytes, _)| bytes).sum();
+    println!("  {:<24} {}", "services total", gib(services_peak));
+    for (name, bytes, _) in &one_process {
+        println!("  {name:<24} {}", gib(*bytes));
+    }
+    // CPU work beside wall time: on a machine whose cores are all busy, work a path does
+    // that the other does not shows here first.
+    println!("\nCPU seconds (user + system) {:>14}", "cores busy");
+    for (name, _, cpu) in &services {
+        println!("  {name:<24} {:>8.2}", median(cpu.clone()));
+    }
+    let services_cpu = median(services_cpu);
+    println!(
+        "  {:<24} {services_cpu:>8.2} {:>8.2}",
+        "services total",
+        services_cpu / svc_total.max(1e-9)
+    );
+    for (name, _, cpu) in &one_process {
+        let cpu = median(cpu.clone());
+        println!("  {name:<24} {cpu:>8.2} {:>8.2}", cpu / inp_total.max(1e-9));
+    }
     Ok(())
 }
