@@ -1,6 +1,7 @@
 //! `medallion bench tpch` at a small scale: both paths run for every run, each run's figures,
-//! the per-layer summary and every process's peak memory and CPU seconds are printed. The figures themselves
-//! are not judged here (timed numbers belong to the benchmark, not to a test).
+//! the per-layer summary and every process's peak memory and CPU seconds are printed. The
+//! figures themselves are not judged here (timed numbers belong to the benchmark, not to a
+//! test).
 
 use std::net::TcpListener;
 
@@ -84,10 +85,7 @@ async fn bench_tpch_runs_both_paths_and_prints_their_figures() {
         .nth(1)
         .unwrap_or_else(|| panic!("no summary of medians in:\n{stdout}"));
     for layer in ["bronze", "silver", "gold", "total"] {
-        let row = summary
-            .lines()
-            .find(|l| l.starts_with(layer))
-            .unwrap_or_else(|| panic!("no {layer} row in:\n{summary}"));
+        let row = row_of(summary, layer);
         let figures: Vec<f64> = row
             .split_whitespace()
             .skip(1)

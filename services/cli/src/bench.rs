@@ -115,6 +115,9 @@ pub(crate) fn peak_rss(pid: &str) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// The name the one-process path's figures go by.
+const ONE_PROCESS: &str = "one process";
+
 /// What one process of a path used over a run.
 struct ProcessFigures {
     name: String,
@@ -208,6 +211,7 @@ async fn services_path(args: &BenchArgs, work: &std::path::Path) -> anyhow::Resu
     result
 }
 
+/// The median of `values` (0 without any).
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     match values.len() {
@@ -303,7 +307,7 @@ async fn in_process_path(work: &std::path::Path) -> anyhow::Result<RunFigures> {
         layers: seconds,
         total: total.elapsed().as_secs_f64(),
         processes: vec![ProcessFigures {
-            name: "one process".into(),
+            name: ONE_PROCESS.into(),
             peak_rss: peak_rss("self"),
             cpu_secs: cpu_secs("self"),
         }],
@@ -367,7 +371,7 @@ async fn in_fresh_process(work: &std::path::Path) -> anyhow::Result<RunFigures> 
         layers,
         total: get("total")?,
         processes: vec![ProcessFigures {
-            name: "one process".into(),
+            name: ONE_PROCESS.into(),
             peak_rss: get("peak_rss")? as u64,
             cpu_secs: get("cpu_secs")?,
         }],
@@ -501,9 +505,8 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         display::thousands((rows as f64 / svc_total) as u64),
         display::thousands((rows as f64 / inp_total) as u64)
     );
-    let (one_process, services): (Vec<_>, Vec<_>) = processes
-        .iter()
-        .partition(|(name, ..)| name == "one process");
+    let (one_process, services): (Vec<_>, Vec<_>) =
+        processes.iter().partition(|(name, ..)| name == ONE_PROCESS);
     println!("\npeak RSS");
     for (name, bytes, _) in &services {
         println!("  {name:<24} {}", gib(*bytes));
