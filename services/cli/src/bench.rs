@@ -85,20 +85,36 @@ pub(crate) async fn run_to_end(
         .into_inner())
 }
 
-/// CPU seconds (user + system) a process has used so far, from /proc (clock ticks of 1/100 s,
-/// as on Linux).
-pub(crate) fn cpu_secs(pid: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-            let rest = s.rsplit_once(')')?.1;
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            let ticks =
-                fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-            Some(ticks as f64 / 100.0)
-        })
-        .unwrap_or(0.0)
+/// CPU seconds a process has used so far, in user space and in the kernel on its behalf
+/// (page faults, copies into and out of the page cache and sockets).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct CpuTimes {
+    pub user: f64,
+    pub system: f64,
+}
+
+impl CpuTimes {
+    /// Read from /proc (clock ticks of 1/100 s, as on Linux); zero when the process is gone.
+    pub(crate) fn of(pid: &str) -> CpuTimes {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                // Fields after the parenthesised command name; utime and stime are the 12th and
+                // 13th.
+                let rest = s.rsplit_once(')')?.1;
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+                Some(CpuTimes {
+                    user: ticks(11)? as f64 / 100.0,
+                    system: ticks(12)? as f64 / 100.0,
+                })
+            })
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn total(&self) -> f64 {
+        self.user + self.system
+    }
 }
 
 /// Peak resident memory (VmHWM) of a process, in bytes.
@@ -115,6 +131,22 @@ pub(crate) fn peak_rss(pid: &str) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// One row of the CPU summary: the medians over `runs` of user, system and total seconds (each
+/// its own median, so they need not add up exactly), and with `wall` (the path's median wall
+/// seconds) the cores it kept busy on average.
+fn cpu_row(name: &str, runs: &[CpuTimes], wall: Option<f64>) -> String {
+    let of = |part: fn(&CpuTimes) -> f64| median(runs.iter().map(part).collect());
+    let total = of(CpuTimes::total);
+    let busy = wall.map_or(String::new(), |w| format!("{:>11.2}", total / w.max(1e-9)));
+    format!(
+        "{name:<24} {:>8.2} {:>8.2} {total:>8.2} {busy}",
+        of(|c| c.user),
+        of(|c| c.system)
+    )
+    .trim_end()
+    .to_string()
+}
+
 /// The name the one-process path's figures go by.
 const ONE_PROCESS: &str = "one process";
 
@@ -122,7 +154,7 @@ const ONE_PROCESS: &str = "one process";
 struct ProcessFigures {
     name: String,
     peak_rss: u64,
-    cpu_secs: f64,
+    cpu: CpuTimes,
 }
 
 /// What one run of a path measured: seconds per layer, total seconds, and its processes.
@@ -197,7 +229,7 @@ async fn services_path(args: &BenchArgs, work: &std::path::Path) -> anyhow::Resu
             .map(|(name, pid)| ProcessFigures {
                 name,
                 peak_rss: peak_rss(&pid.to_string()),
-                cpu_secs: cpu_secs(&pid.to_string()),
+                cpu: CpuTimes::of(&pid.to_string()),
             })
             .collect();
         anyhow::Ok(RunFigures {
@@ -309,7 +341,7 @@ async fn in_process_path(work: &std::path::Path) -> anyhow::Result<RunFigures> {
         processes: vec![ProcessFigures {
             name: ONE_PROCESS.into(),
             peak_rss: peak_rss("self"),
-            cpu_secs: cpu_secs("self"),
+            cpu: CpuTimes::of("self"),
         }],
     })
 }
@@ -373,7 +405,10 @@ async fn in_fresh_process(work: &std::path::Path) -> anyhow::Result<RunFigures> 
         processes: vec![ProcessFigures {
             name: ONE_PROCESS.into(),
             peak_rss: get("peak_rss")? as u64,
-            cpu_secs: get("cpu_secs")?,
+            cpu: CpuTimes {
+                user: get("user_secs")?,
+                system: get("system_secs")?,
+            },
         }],
     })
 }
@@ -398,11 +433,13 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         let (peak, cpu) = figures
             .processes
             .first()
-            .map_or((0, 0.0), |p| (p.peak_rss, p.cpu_secs));
+            .map_or((0, CpuTimes::default()), |p| (p.peak_rss, p.cpu));
         println!(
-            "{ONE_PROCESS_FIGURES} {} total={} peak_rss={peak} cpu_secs={cpu}",
+            "{ONE_PROCESS_FIGURES} {} total={} peak_rss={peak} user_secs={} system_secs={}",
             seconds.join(" "),
-            figures.total
+            figures.total,
+            cpu.user,
+            cpu.system
         );
         return Ok(());
     }
@@ -429,7 +466,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let mut svc_runs = Vec::new();
     let mut inp_runs = Vec::new();
     // Every process of both paths, in the order first seen: peak memory, CPU seconds per run.
-    let mut processes: Vec<(String, u64, Vec<f64>)> = Vec::new();
+    let mut processes: Vec<(String, u64, Vec<CpuTimes>)> = Vec::new();
     let mut services_cpu = Vec::new();
     for run in 1..=args.runs {
         let of = if args.runs > 1 {
@@ -441,14 +478,22 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         let services = services_path(&args, &work).await?;
         println!("\n== one process, polars alone{of} ==");
         let one_process = in_fresh_process(&work).await?;
-        services_cpu.push(services.processes.iter().map(|p| p.cpu_secs).sum::<f64>());
+        services_cpu.push(
+            services
+                .processes
+                .iter()
+                .fold(CpuTimes::default(), |sum, p| CpuTimes {
+                    user: sum.user + p.cpu.user,
+                    system: sum.system + p.cpu.system,
+                }),
+        );
         for p in services.processes.iter().chain(&one_process.processes) {
             match processes.iter_mut().find(|(n, ..)| *n == p.name) {
                 Some((_, peak, cpu)) => {
                     *peak = (*peak).max(p.peak_rss);
-                    cpu.push(p.cpu_secs);
+                    cpu.push(p.cpu);
                 }
-                None => processes.push((p.name.clone(), p.peak_rss, vec![p.cpu_secs])),
+                None => processes.push((p.name.clone(), p.peak_rss, vec![p.cpu])),
             }
         }
         let (layers, total) = (services.layers, services.total);
@@ -518,19 +563,19 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     // CPU work beside wall time: on a machine whose cores are all busy, work a path does
     // that the other does not shows here first.
-    println!("\nCPU seconds (user + system) {:>14}", "cores busy");
-    for (name, _, cpu) in &services {
-        println!("  {name:<24} {:>8.2}", median(cpu.clone()));
-    }
-    let services_cpu = median(services_cpu);
     println!(
-        "  {:<24} {services_cpu:>8.2} {:>8.2}",
-        "services total",
-        services_cpu / svc_total.max(1e-9)
+        "\n{:<26} {:>8} {:>8} {:>8} {:>11}",
+        "CPU seconds", "user", "system", "total", "cores busy"
+    );
+    for (name, _, cpu) in &services {
+        println!("  {}", cpu_row(name, cpu, None));
+    }
+    println!(
+        "  {}",
+        cpu_row("services total", &services_cpu, Some(svc_total))
     );
     for (name, _, cpu) in &one_process {
-        let cpu = median(cpu.clone());
-        println!("  {name:<24} {cpu:>8.2} {:>8.2}", cpu / inp_total.max(1e-9));
+        println!("  {}", cpu_row(name, cpu, Some(inp_total)));
     }
     Ok(())
 }

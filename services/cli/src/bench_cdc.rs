@@ -201,8 +201,8 @@ pub async fn bench(args: &BenchArgs, work: &std::path::Path) -> anyhow::Result<(
             gold,
             ingestor_rss: rss("medallion-ingestor"),
             refiner_rss: rss("medallion-refiner"),
-            ingestor_cpu: crate::bench::cpu_secs(&pid("medallion-ingestor")),
-            refiner_cpu: crate::bench::cpu_secs(&pid("medallion-refiner")),
+            ingestor_cpu: crate::bench::CpuTimes::of(&pid("medallion-ingestor")).total(),
+            refiner_cpu: crate::bench::CpuTimes::of(&pid("medallion-refiner")).total(),
         };
 
         // Streaming from here on, with changes arriving at a steady rate.
