@@ -87,7 +87,7 @@ pub(crate) async fn run_to_end(
 
 /// CPU seconds a process has used so far, in user space and in the kernel on its behalf
 /// (page faults, copies into and out of the page cache and sockets).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct CpuTimes {
     pub user: f64,
     pub system: f64,
@@ -114,6 +114,15 @@ impl CpuTimes {
 
     pub(crate) fn total(&self) -> f64 {
         self.user + self.system
+    }
+}
+
+impl std::iter::Sum for CpuTimes {
+    fn sum<I: Iterator<Item = CpuTimes>>(times: I) -> CpuTimes {
+        times.fold(CpuTimes::default(), |sum, t| CpuTimes {
+            user: sum.user + t.user,
+            system: sum.system + t.system,
+        })
     }
 }
 
@@ -478,15 +487,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         let services = services_path(&args, &work).await?;
         println!("\n== one process, polars alone{of} ==");
         let one_process = in_fresh_process(&work).await?;
-        services_cpu.push(
-            services
-                .processes
-                .iter()
-                .fold(CpuTimes::default(), |sum, p| CpuTimes {
-                    user: sum.user + p.cpu.user,
-                    system: sum.system + p.cpu.system,
-                }),
-        );
+        services_cpu.push(services.processes.iter().map(|p| p.cpu).sum::<CpuTimes>());
         for p in services.processes.iter().chain(&one_process.processes) {
             match processes.iter_mut().find(|(n, ..)| *n == p.name) {
                 Some((_, peak, cpu)) => {
