@@ -122,6 +122,32 @@ impl TraceCollector {
             .map(|s| s.clone())
             .unwrap_or_default()
     }
+
+    /// The environment that makes a service export its spans here, a tenth of a second after
+    /// they end.
+    pub fn exporter_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), self.endpoint.clone()),
+            ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+        ]
+    }
+
+    /// The spans received so far of the trace whose root span is run `run_id`'s.
+    pub fn run_trace(&self, run_id: &str) -> Vec<ExportedSpan> {
+        let spans = self.spans();
+        let root = spans.iter().find(|s| {
+            s.parent_span_id.is_empty()
+                && s.attributes.get("medallion.run_id").map(String::as_str) == Some(run_id)
+        });
+        match root {
+            Some(root) => spans
+                .iter()
+                .filter(|s| s.trace_id == root.trace_id)
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        }
+    }
 }
 
 impl Drop for TraceCollector {

@@ -63,13 +63,7 @@ async fn one_run_is_one_trace_across_the_four_services() {
     let collector = TraceCollector::start().await.expect("OTLP receiver");
     let cluster = Cluster::start_with(ClusterOptions {
         warehouse: Some(postgres_url()),
-        env: vec![
-            (
-                "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
-                collector.endpoint.clone(),
-            ),
-            ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
-        ],
+        env: collector.exporter_env(),
         ..ClusterOptions::default()
     })
     .await

@@ -16,6 +16,7 @@ use medallion_warehouse::{LoadReport, PostgresSink, QualifiedName, RedshiftSink,
 use polars::prelude::*;
 use tracing::Instrument as _;
 
+use crate::shared_reads::SharedReads;
 use crate::touched;
 
 pub struct Aggregator {
@@ -28,6 +29,8 @@ pub struct Aggregator {
     pub redshift_data_endpoint: Option<String>,
     /// Where staged Parquet files are written before upload.
     pub spool_dir: std::path::PathBuf,
+    /// Silver reads shared by the tasks queued here.
+    pub shared_reads: std::sync::Arc<SharedReads>,
 }
 
 /// Runs a gold table's query over its input frames, registered under their silver names.
@@ -103,10 +106,9 @@ impl Aggregator {
         let reader = &self.silver_flight;
         let mut read = Vec::new();
         for dep in task.dependencies() {
-            let tickets = task.input_tickets(&dep)?;
             progress.report(&format!("reading {dep}"), 0, 0, true);
             let (schema, batches) = tokio::select! {
-                r = reader.read_all(&tickets) => r.map_err(TaskError::internal)?,
+                r = self.shared_reads.read(reader, task, &dep) => r?,
                 _ = cancel.cancelled() => return Err(TaskError::Cancelled),
             };
             read.push((dep, schema, batches));
@@ -410,6 +412,10 @@ fn touched_changes(
 impl TaskRunner for Aggregator {
     fn layer(&self) -> Layer {
         Layer::Gold
+    }
+
+    fn arrived(&self, task: &TaskRequest) -> Option<Box<dyn Send>> {
+        Some(Box::new(self.shared_reads.wait(task)))
     }
 
     async fn run(

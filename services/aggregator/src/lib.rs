@@ -3,6 +3,7 @@
 //! warehouse. Serves gold over Arrow Flight.
 
 mod aggregate;
+mod shared_reads;
 mod touched;
 
 /// Computes a gold table from its silver inputs (also used by `medallion bench` in one process).
@@ -63,6 +64,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         objects: tokio::sync::OnceCell::new(),
         redshift_data_endpoint: config.redshift_data_endpoint.clone(),
         spool_dir: config.spool_dir.clone().unwrap_or_else(std::env::temp_dir),
+        shared_reads: Default::default(),
     };
     medallion_stage::serve_layer(
         runner,

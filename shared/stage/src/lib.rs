@@ -311,6 +311,12 @@ impl Progress {
 pub trait TaskRunner: Send + Sync + 'static {
     /// The layer whose tables this service writes.
     fn layer(&self) -> Layer;
+    /// Told of a task as it arrives, before it waits for a slot, so the runner can plan for
+    /// the tasks queued behind the running ones. What it returns is dropped when the task
+    /// ends, whether it ran, failed or was cancelled.
+    fn arrived(&self, _task: &TaskRequest) -> Option<Box<dyn Send>> {
+        None
+    }
     async fn run(
         &self,
         task: TaskRequest,
@@ -444,6 +450,7 @@ impl<R: TaskRunner> pb::stage_service_server::StageService for StageServer<R> {
             last: Arc::new(Mutex::new(Instant::now())),
         };
         let runner = self.runner.clone();
+        let arrival = runner.arrived(&task);
         let slots = self.slots.clone();
         let span = tracing::info_span!(
             "task",
@@ -456,6 +463,7 @@ impl<R: TaskRunner> pb::stage_service_server::StageService for StageServer<R> {
         );
         tokio::spawn(async move {
             let _guard = guard;
+            let _arrival = arrival;
             let started = Instant::now();
             let table = task.table.clone();
             // A caller that stops listening (timeout, cancel, crash) cancels the task.
