@@ -8,9 +8,12 @@ struct Cli {
     config: medallion_aggregator::Config,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    medallion_server::memory::runtime()?.block_on(serve(cli))
+}
+
+async fn serve(cli: Cli) -> anyhow::Result<()> {
     let telemetry = medallion_telemetry::init("medallion-aggregator");
     let shutdown = medallion_server::shutdown_on_signals();
     let result = medallion_aggregator::run(cli.config, shutdown).await;
