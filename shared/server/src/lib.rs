@@ -1,8 +1,8 @@
 //! Bootstrap every Medallion service shares: one `serve()` that adds gRPC health and
 //! reflection to a service's routes, tuned HTTP/2 windows for Arrow Flight, TLS, a span per
 //! call and a Prometheus endpoint; channels to other services; shutdown on SIGINT/SIGTERM
-//! through a cancellation token; and the runtime a service's `main` runs on, with an allocator
-//! that gives freed buffers back to the system ([`memory`]).
+//! through a cancellation token; and the runtime a service's `main` runs on, with malloc's
+//! arenas bounded ([`memory`]).
 
 mod discovery;
 pub mod memory;

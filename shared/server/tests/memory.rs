@@ -1,42 +1,57 @@
-//! The runtime a service runs on gives freed buffers back to the system, even after glibc's
-//! defaults would have started keeping buffers of that size.
+//! The runtime a service runs on shares two malloc arenas among all its threads, however many
+//! allocate at once (glibc's default gives each of them an arena, up to 8 per core).
 #![cfg(all(target_os = "linux", target_env = "gnu"))]
 
-/// The process's resident size, from `/proc/self/status`.
-fn resident_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status");
-    kib * 1024
-}
+use std::ffi::CString;
+use std::sync::{Arc, Barrier};
 
-/// Allocates `size` bytes, writes every page, and frees them.
-fn touch_and_free(size: usize) {
-    let buffer = vec![1u8; size];
-    std::hint::black_box(&buffer);
+/// The arenas malloc has, from the `<heap nr=…>` entries of `malloc_info`.
+fn arenas() -> usize {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("malloc_info.xml");
+    let c_path = CString::new(path.to_string_lossy().as_bytes()).expect("path");
+    // SAFETY: a file opened for writing, handed to malloc_info, then closed once.
+    unsafe {
+        let file = libc::fopen(c_path.as_ptr(), c"w".as_ptr());
+        assert!(!file.is_null(), "cannot open {}", path.display());
+        assert_eq!(libc::malloc_info(0, file), 0, "malloc_info failed");
+        libc::fclose(file);
+    }
+    let info = std::fs::read_to_string(&path).expect("malloc_info output");
+    info.matches("<heap nr=").count()
 }
 
 #[test]
-fn freed_buffers_leave_the_resident_size_where_it_was() {
-    const SIZE: usize = 16 << 20;
+fn threads_allocating_at_once_share_two_arenas() {
+    const THREADS: usize = 12;
     let runtime = medallion_server::memory::runtime().expect("runtime");
-    runtime.block_on(async {
-        let before = resident_bytes();
-        // With glibc's defaults the first free raises the mmap threshold to this size, so the
-        // next buffers come from the heap, which keeps them once freed.
-        for _ in 0..3 {
-            touch_and_free(SIZE);
+    let count = runtime.block_on(async {
+        // Every thread holds an allocation until all of them have one, so none can hand its
+        // arena to another.
+        let all_allocated = Arc::new(Barrier::new(THREADS + 1));
+        let threads: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let all_allocated = all_allocated.clone();
+                std::thread::spawn(move || {
+                    let buffer = std::hint::black_box(vec![1u8; 64 * 1024]);
+                    all_allocated.wait();
+                    all_allocated.wait();
+                    drop(buffer);
+                })
+            })
+            .collect();
+        all_allocated.wait();
+        let count = arenas();
+        all_allocated.wait();
+        for thread in threads {
+            thread.join().expect("allocating thread");
         }
-        let after = resident_bytes();
-        assert!(
-            after < before + SIZE as u64 / 2,
-            "resident size grew by {} MiB after freeing every buffer (GLIBC_TUNABLES: {:?}; \
-             malloc tunables set there replace the service's own settings)",
-            (after.saturating_sub(before)) >> 20,
-            std::env::var("GLIBC_TUNABLES").ok()
-        );
+        count
     });
+    assert!(
+        count <= 2,
+        "{count} malloc arenas for {THREADS} threads allocating at once (GLIBC_TUNABLES: {:?}; \
+         malloc tunables set there replace the service's own settings)",
+        std::env::var("GLIBC_TUNABLES").ok()
+    );
 }
