@@ -1,7 +1,7 @@
 //! `medallion bench tpch` at a small scale: both paths run for every run, each run's figures,
-//! the per-layer summary and every process's peak memory and CPU seconds are printed. The
-//! figures themselves are not judged here (timed numbers belong to the benchmark, not to a
-//! test).
+//! the per-layer summary and every process's peak memory and CPU seconds are printed, and a
+//! warm-up run is left out of them. The figures themselves are not judged here (timed numbers
+//! belong to the benchmark, not to a test).
 
 use std::net::TcpListener;
 
@@ -48,7 +48,16 @@ fn row_of<'a>(text: &'a str, label: &str) -> &'a str {
 async fn bench_tpch_runs_both_paths_and_prints_their_figures() {
     let work = tempfile::tempdir().expect("work folder");
     let output = tokio::process::Command::new(medallion_tests::bin_dir().join("medallion"))
-        .args(["bench", "tpch", "--scale-factor", "0.01", "--runs", "2"])
+        .args([
+            "bench",
+            "tpch",
+            "--scale-factor",
+            "0.01",
+            "--runs",
+            "2",
+            "--warmup",
+            "1",
+        ])
         .arg("--work")
         .arg(work.path())
         .args(["--base-port", &four_free_ports().to_string()])
@@ -61,6 +70,31 @@ async fn bench_tpch_runs_both_paths_and_prints_their_figures() {
         "bench failed: {}\n{stdout}\n{}",
         output.status,
         String::from_utf8_lossy(&output.stderr)
+    );
+
+    // The warm-up runs both paths before the first measured run, and is not counted as one.
+    let warmup = stdout
+        .find("warm-up 1 of 1: services ")
+        .unwrap_or_else(|| panic!("no warm-up line in:\n{stdout}"));
+    let first_run = stdout
+        .find("\nrun 1:")
+        .unwrap_or_else(|| panic!("no first run in:\n{stdout}"));
+    assert!(
+        warmup < first_run,
+        "the warm-up came after a measured run:\n{stdout}"
+    );
+    let warmup_line = stdout[warmup..].lines().next().unwrap_or_default();
+    assert!(
+        number_after(warmup_line, "services ") > 0.0,
+        "{warmup_line}"
+    );
+    assert!(
+        number_after(warmup_line, "one process ") > 0.0,
+        "{warmup_line}"
+    );
+    assert!(
+        !stdout.contains("\nrun 3:"),
+        "the warm-up was counted as a run:\n{stdout}"
     );
 
     for run in ["run 1:", "run 2:"] {

@@ -34,6 +34,13 @@ pub struct BenchArgs {
     /// memory: the highest).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub runs: u32,
+    /// tpch: runs of each path made before the measured ones and left out of every figure.
+    /// Where memory is slow to fault in until the machine has used it (a VM whose host takes
+    /// back the guest's free pages), the first runs of the one-process path, which touches
+    /// about 6 GiB at scale factor 1, take seconds longer in the kernel than later ones; with
+    /// warm-up runs the figures show the steady state.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=20))]
+    pub warmup: u32,
     /// Lake of the services run: `s3://bucket/prefix` puts it on S3 (settings from MEDALLION_S3_*
     /// and AWS_* in the environment); each run writes under a fresh prefix below it. Default: a
     /// folder in the work folder, made anew each run.
@@ -430,6 +437,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             !args.one_process_only,
             "--one-process-only is a tpch benchmark setting"
         );
+        anyhow::ensure!(args.warmup == 0, "--warmup is a tpch benchmark setting");
         return crate::bench_cdc::bench(&args, &work).await;
     }
     if args.one_process_only {
@@ -471,6 +479,18 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         };
         count("lineitem")? + count("orders")?
     };
+
+    for run in 1..=args.warmup {
+        let of = format!("warm-up {run} of {}", args.warmup);
+        println!("\n== through the services ({of}) ==");
+        let services = services_path(&args, &work).await?;
+        println!("\n== one process, polars alone ({of}) ==");
+        let one_process = in_fresh_process(&work).await?;
+        println!(
+            "{of}: services {:.2} s, one process {:.2} s (left out of the figures)",
+            services.total, one_process.total
+        );
+    }
 
     let mut svc_runs = Vec::new();
     let mut inp_runs = Vec::new();
